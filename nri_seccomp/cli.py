@@ -1,0 +1,60 @@
+"""Console entry point: parse arguments, set up logging, wire the stub to the plugin."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from nri_seccomp import stub
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nri-seccomp",
+        description="containerd NRI plugin: seccomp profiles from OCI artifacts "
+        "(CRI-O's seccomp-profile annotations).",
+    )
+    p.add_argument("--config", help="YAML configuration file (external plugin); a "
+                   "pre-installed plugin gets its configuration from the runtime")
+    p.add_argument("--socket", help="dial this NRI socket (external plugin) instead of "
+                   "using NRI_PLUGIN_SOCKET; default " + stub.DEFAULT_SOCKET_PATH)
+    p.add_argument("--external", action="store_true",
+                   help="run as an external plugin even if NRI_PLUGIN_SOCKET is set")
+    p.add_argument("--name", help="plugin name (default: NRI_PLUGIN_NAME or file name)")
+    p.add_argument("--idx", help="plugin index, two digits (default: NRI_PLUGIN_IDX or file name)")
+    p.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"])
+    p.add_argument("--empty", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    plugin: object
+    if args.empty:
+        from nri_seccomp.baseline import EmptyPlugin
+
+        plugin = EmptyPlugin()
+    else:
+        from nri_seccomp.plugin import SeccompPlugin
+
+        plugin = SeccompPlugin(config_path=args.config)
+    socket_path = args.socket or (stub.DEFAULT_SOCKET_PATH if args.external else None)
+    try:
+        return stub.run_plugin(
+            plugin,
+            argv=[sys.argv[0]],
+            name=args.name or ("seccomp-oci" if socket_path else None),
+            idx=args.idx or ("10" if socket_path else None),
+            socket_path=socket_path,
+        )
+    except stub.StubError as exc:
+        logging.getLogger("nri_seccomp").error("%s", exc)
+        return 1

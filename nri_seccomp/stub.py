@@ -1,0 +1,361 @@
+"""The plugin side of NRI: connection, registration, configuration, events.
+
+A plugin object implements any of the coroutine methods named in
+:data:`EVENT_METHODS` (and optionally ``configure``, ``synchronize``,
+``shutdown``); the stub subscribes to exactly the events it implements.
+
+Two ways to start, as NRI defines them:
+
+* pre-installed: the runtime executed us with an already-connected socket in
+  ``NRI_PLUGIN_SOCKET`` (fd 3) and our name and index in ``NRI_PLUGIN_NAME`` /
+  ``NRI_PLUGIN_IDX``. End-of-file means the runtime stopped: we exit.
+* external: we dial the runtime's socket ourselves and dial again, with back-off,
+  when the runtime restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import socket
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from nri_seccomp import mux, ttrpc
+from nri_seccomp.pb import nri_pb2
+
+log = logging.getLogger(__name__)
+
+PLUGIN_SERVICE = "nri.pkg.api.v1alpha1.Plugin"
+RUNTIME_SERVICE = "nri.pkg.api.v1alpha1.Runtime"
+DEFAULT_SOCKET_PATH = "/var/run/nri/nri.sock"
+#: NRI's defaults; Configure tells us the runtime's actual values.
+DEFAULT_REGISTRATION_TIMEOUT = 5.0
+DEFAULT_REQUEST_TIMEOUT = 2.0
+
+#: plugin method name → the NRI event it handles.
+EVENT_METHODS: Mapping[str, int] = {
+    "run_pod_sandbox": nri_pb2.RUN_POD_SANDBOX,
+    "stop_pod_sandbox": nri_pb2.STOP_POD_SANDBOX,
+    "remove_pod_sandbox": nri_pb2.REMOVE_POD_SANDBOX,
+    "create_container": nri_pb2.CREATE_CONTAINER,
+}
+
+_PLUGIN_FILE = re.compile(r"^(?P<idx>[0-9]{2})-(?P<name>.+)$")
+
+
+class StubError(Exception):
+    """The plugin could not start or stay connected."""
+
+
+class RegistrationError(StubError):
+    pass
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    """What Configure told us about the runtime."""
+
+    name: str = ""
+    version: str = ""
+    nri_version: str = ""
+    registration_timeout: float = DEFAULT_REGISTRATION_TIMEOUT
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT
+
+    @classmethod
+    def from_request(cls, req: nri_pb2.ConfigureRequest) -> RuntimeInfo:
+        return cls(
+            name=req.runtime_name,
+            version=req.runtime_version,
+            nri_version=req.NRI_version,
+            # 0 means "not told": keep NRI's defaults rather than a zero deadline.
+            registration_timeout=req.registration_timeout / 1000
+            if req.registration_timeout > 0
+            else DEFAULT_REGISTRATION_TIMEOUT,
+            request_timeout=req.request_timeout / 1000
+            if req.request_timeout > 0
+            else DEFAULT_REQUEST_TIMEOUT,
+        )
+
+
+def event_mask(plugin: object) -> int:
+    """The ConfigureResponse.events bit mask for the handlers ``plugin`` implements."""
+    mask = 0
+    for method, event in EVENT_METHODS.items():
+        if callable(getattr(plugin, method, None)):
+            mask |= 1 << (event - 1)
+    return mask
+
+
+@dataclass(frozen=True)
+class Identity:
+    name: str
+    idx: str
+
+
+def identity_from_environment(
+    environ: Mapping[str, str], argv0: str, name: str | None = None, idx: str | None = None
+) -> Identity:
+    """Name and index: explicit values, else NRI's environment, else our file name ``IDX-NAME``."""
+    match = _PLUGIN_FILE.match(os.path.basename(argv0))
+    name = name or environ.get("NRI_PLUGIN_NAME") or (match.group("name") if match else None)
+    idx = idx or environ.get("NRI_PLUGIN_IDX") or (match.group("idx") if match else None)
+    if not name or not idx:
+        raise StubError(
+            "plugin name and index unknown: set NRI_PLUGIN_NAME/NRI_PLUGIN_IDX, name the "
+            f"executable IDX-NAME (got {os.path.basename(argv0)!r}), or pass them explicitly"
+        )
+    if not re.fullmatch(r"[0-9]{2}", idx):
+        raise StubError(f"plugin index must be two digits, got {idx!r}")
+    return Identity(name=name, idx=idx)
+
+
+class Stub:
+    """Runs one plugin object against the runtime."""
+
+    def __init__(
+        self,
+        plugin: object,
+        identity: Identity,
+        *,
+        sock: socket.socket | None = None,
+        socket_path: str = DEFAULT_SOCKET_PATH,
+        reconnect: bool = True,
+        nri_version: str = "",
+    ) -> None:
+        self.plugin = plugin
+        self.identity = identity
+        self._sock = sock
+        self._socket_path = socket_path
+        self._reconnect = reconnect and sock is None
+        self._nri_version = nri_version
+        self.runtime = RuntimeInfo()
+        self.configured = asyncio.Event()
+        self._sync_pods: list[nri_pb2.PodSandbox] = []
+        self._sync_containers: list[nri_pb2.Container] = []
+        self._shutdown = False
+        self._mux: mux.Mux | None = None
+
+    @classmethod
+    def from_environment(
+        cls,
+        plugin: object,
+        *,
+        environ: Mapping[str, str] | None = None,
+        argv0: str = "",
+        name: str | None = None,
+        idx: str | None = None,
+        socket_path: str | None = None,
+    ) -> Stub:
+        """Pre-installed when NRI_PLUGIN_SOCKET is set, external otherwise."""
+        env = os.environ if environ is None else environ
+        identity = identity_from_environment(env, argv0, name, idx)
+        fd_text = env.get("NRI_PLUGIN_SOCKET")
+        if fd_text and socket_path is None:
+            try:
+                fd = int(fd_text)
+                sock = socket.socket(fileno=fd)
+            except (ValueError, OSError) as exc:
+                raise StubError(
+                    f"NRI_PLUGIN_SOCKET={fd_text!r} is not a usable socket: {exc}"
+                ) from exc
+            return cls(plugin, identity, sock=sock)
+        return cls(plugin, identity, socket_path=socket_path or DEFAULT_SOCKET_PATH)
+
+    # ---- running -----------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve until the runtime goes away (pre-installed) or until shut down (external)."""
+        if self._sock is not None:
+            reader, writer = await asyncio.open_connection(sock=self._sock)
+            await self._session(reader, writer)
+            return
+        backoff = 0.1
+        while not self._shutdown:
+            try:
+                reader, writer = await asyncio.open_unix_connection(self._socket_path)
+            except OSError as exc:
+                if not self._reconnect:
+                    raise StubError(f"cannot connect to {self._socket_path}: {exc}") from exc
+                log.info("runtime socket %s unavailable (%s), retrying in %.1fs",
+                         self._socket_path, exc.strerror or exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            started = time.monotonic()
+            try:
+                await self._session(reader, writer)
+            except RegistrationError as exc:
+                log.warning("%s", exc)
+            if not self._reconnect:
+                return
+            if time.monotonic() - started > 10:
+                backoff = 0.1
+            if not self._shutdown:
+                log.info("runtime connection lost, reconnecting to %s", self._socket_path)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        m = mux.Mux(reader, writer)
+        self._mux = m
+        self.configured.clear()
+        plugin_conn = m.open(mux.PLUGIN_SERVICE_CONN)
+        runtime_conn = m.open(mux.RUNTIME_SERVICE_CONN)
+        server = ttrpc.Server(self._handlers())
+        client = ttrpc.Client(runtime_conn, lambda b: m.write(mux.RUNTIME_SERVICE_CONN, b))
+        # The runtime may send Configure before it answers RegisterPlugin, so the
+        # plugin service must be served before we register.
+        tasks = [
+            asyncio.create_task(m.run(), name="mux"),
+            asyncio.create_task(
+                server.serve(plugin_conn, lambda b: m.write(mux.PLUGIN_SERVICE_CONN, b)),
+                name="plugin-service",
+            ),
+            asyncio.create_task(client.run(), name="runtime-client"),
+        ]
+        try:
+            await self._register(client)
+            await tasks[0]
+        finally:
+            m.close()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._call_optional("on_disconnect")
+
+    async def _register(self, client: ttrpc.Client) -> None:
+        req = nri_pb2.RegisterPluginRequest(
+            plugin_name=self.identity.name,
+            plugin_idx=self.identity.idx,
+            NRI_version=self._nri_version,
+        )
+        try:
+            await client.call(
+                RUNTIME_SERVICE,
+                "RegisterPlugin",
+                req.SerializeToString(),
+                timeout=DEFAULT_REGISTRATION_TIMEOUT,
+            )
+        except (TimeoutError, ttrpc.RpcError, ConnectionError, ttrpc.ProtocolError) as exc:
+            raise RegistrationError(
+                f"registering plugin {self.identity.idx}-{self.identity.name} failed: {exc}"
+            ) from exc
+        log.info("registered plugin %s-%s", self.identity.idx, self.identity.name)
+
+    def close(self) -> None:
+        """Stop serving (and, for an external plugin, stop reconnecting)."""
+        self._shutdown = True
+        if self._mux is not None:
+            self._mux.close()
+
+    # ---- plugin service ----------------------------------------------------
+
+    def _handlers(self) -> dict[str, ttrpc.Handler]:
+        table: dict[str, Callable[[bytes, ttrpc.Call], Awaitable[bytes]]] = {
+            "Configure": self._configure,
+            "Synchronize": self._synchronize,
+            "Shutdown": self._shutdown_rpc,
+            "StateChange": self._state_change,
+        }
+        for method, event in EVENT_METHODS.items():
+            if callable(getattr(self.plugin, method, None)):
+                table[_rpc_name(method)] = self._event_handler(method, event)
+        return {f"{PLUGIN_SERVICE}/{name}": handler for name, handler in table.items()}
+
+    async def _configure(self, payload: bytes, call: ttrpc.Call) -> bytes:
+        req = nri_pb2.ConfigureRequest.FromString(payload)
+        self.runtime = RuntimeInfo.from_request(req)
+        log.info(
+            "configured by %s %s (NRI %s), request timeout %.3fs",
+            req.runtime_name or "unknown runtime",
+            req.runtime_version or "?",
+            req.NRI_version or "unknown",
+            self.runtime.request_timeout,
+        )
+        await self._call_optional("configure", req.config, self.runtime)
+        self.configured.set()
+        return nri_pb2.ConfigureResponse(events=event_mask(self.plugin)).SerializeToString()
+
+    async def _synchronize(self, payload: bytes, call: ttrpc.Call) -> bytes:
+        req = nri_pb2.SynchronizeRequest.FromString(payload)
+        self._sync_pods.extend(req.pods)
+        self._sync_containers.extend(req.containers)
+        if req.more:
+            # Accept further chunks; the plugin sees the whole state at the last one.
+            return nri_pb2.SynchronizeResponse(more=True).SerializeToString()
+        pods, containers = self._sync_pods, self._sync_containers
+        self._sync_pods, self._sync_containers = [], []
+        log.info("synchronized: %d pods, %d containers", len(pods), len(containers))
+        updates = await self._call_optional("synchronize", pods, containers)
+        resp = nri_pb2.SynchronizeResponse()
+        resp.update.extend(updates or [])
+        return resp.SerializeToString()
+
+    async def _shutdown_rpc(self, payload: bytes, call: ttrpc.Call) -> bytes:
+        log.info("shutdown requested by the runtime")
+        await self._call_optional("shutdown")
+        self._shutdown = True
+        # Answer first, then close once the answer is on its way.
+        asyncio.get_running_loop().call_soon(self.close)
+        return b""
+
+    async def _state_change(self, payload: bytes, call: ttrpc.Call) -> bytes:
+        # NRI <= 0.11 delivers pod events through StateChange instead of their own RPCs.
+        evt = nri_pb2.StateChangeEvent.FromString(payload)
+        for method, event in EVENT_METHODS.items():
+            if event == evt.event and method != "create_container":
+                handler = getattr(self.plugin, method, None)
+                if callable(handler):
+                    await handler(evt.pod)
+        return b""
+
+    def _event_handler(self, method: str, event: int) -> ttrpc.Handler:
+        handler = getattr(self.plugin, method)
+        if event == nri_pb2.CREATE_CONTAINER:
+
+            async def create(payload: bytes, call: ttrpc.Call) -> bytes:
+                req = nri_pb2.CreateContainerRequest.FromString(payload)
+                resp: nri_pb2.CreateContainerResponse = await handler(req.pod, req.container, call)
+                return resp.SerializeToString()
+
+            return create
+
+        async def pod_event(payload: bytes, call: ttrpc.Call) -> bytes:
+            # Run/Stop/RemovePodSandboxRequest all carry the pod as field 1.
+            await handler(nri_pb2.RunPodSandboxRequest.FromString(payload).pod)
+            return b""
+
+        return pod_event
+
+    async def _call_optional(self, method: str, *args: Any) -> Any:
+        fn = getattr(self.plugin, method, None)
+        if not callable(fn):
+            return None
+        return await fn(*args)
+
+
+def _rpc_name(method: str) -> str:
+    return "".join(part.capitalize() for part in method.split("_"))
+
+
+def run_plugin(
+    plugin: object,
+    *,
+    argv: Sequence[str] = ("",),
+    name: str | None = None,
+    idx: str | None = None,
+    socket_path: str | None = None,
+) -> int:
+    """Blocking entry point for a console script."""
+    stub = Stub.from_environment(
+        plugin, argv0=argv[0], name=name, idx=idx, socket_path=socket_path
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(stub.run())
+    return 0

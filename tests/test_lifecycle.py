@@ -1,0 +1,125 @@
+"""The plugin as a real subprocess, driven the way containerd drives it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nri_seccomp import driver
+from nri_seccomp.pb import nri_pb2
+
+
+def run(coro: Coroutine[Any, Any, Any], timeout: float = 30) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def _pods(n: int) -> list[nri_pb2.PodSandbox]:
+    return [nri_pb2.PodSandbox(id=f"pod{i}", name=f"p{i}", namespace="default") for i in range(n)]
+
+
+def _containers(n: int) -> list[nri_pb2.Container]:
+    return [nri_pb2.Container(id=f"c{i}", pod_sandbox_id=f"pod{i}", name=f"c{i}") for i in range(n)]
+
+
+@pytest.mark.parametrize("chunks", [0, 1, 3])
+def test_preinstalled_lifecycle(chunks: int) -> None:
+    async def scenario() -> None:
+        conn = await driver.spawn_plugin(driver.plugin_command("--empty"))
+        resp = await conn.handshake()
+        assert resp.events == 1 << (nri_pb2.CREATE_CONTAINER - 1)
+        assert conn.registration is not None
+        assert (conn.registration.plugin_name, conn.registration.plugin_idx) == (
+            "seccomp-oci",
+            "10",
+        )
+        if chunks:
+            answers = await conn.synchronize(_pods(5), _containers(7), chunks=chunks)
+            assert [a.more for a in answers] == [True] * (chunks - 1) + [False]
+        pod = nri_pb2.PodSandbox(id="p", name="pod")
+        result = await conn.create_container(pod, nri_pb2.Container(id="c", name="app"))
+        assert result.error is None and result.fatal is None
+        assert result.response == nri_pb2.CreateContainerResponse()
+        assert await conn.wait_closed() == 0
+
+    run(scenario())
+
+
+def test_shutdown_rpc_exits_cleanly() -> None:
+    async def scenario() -> None:
+        conn = await driver.spawn_plugin(driver.plugin_command("--empty"))
+        await conn.handshake()
+        await conn._call("Shutdown", b"")
+        assert conn.process is not None
+        assert await asyncio.wait_for(conn.process.wait(), 5) == 0
+
+    run(scenario())
+
+
+def test_registration_carries_file_name_identity(tmp_path: Path) -> None:
+    # containerd runs /opt/nri/plugins/IDX-NAME; with no NRI_PLUGIN_NAME/IDX the
+    # plugin must take both from its own file name.
+    exe = tmp_path / "42-seccomp-test"
+    exe.write_text(
+        f"#!{sys.executable}\n"
+        "from nri_seccomp.cli import main\n"
+        "raise SystemExit(main(['--empty']))\n"
+    )
+    exe.chmod(0o755)
+
+    async def scenario() -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NRI_")}
+        env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+        conn = await driver.spawn_plugin([str(exe)], name="", idx="", env=env)
+        await conn.handshake()
+        assert conn.registration is not None
+        assert (conn.registration.plugin_name, conn.registration.plugin_idx) == (
+            "seccomp-test",
+            "42",
+        )
+        assert await conn.wait_closed() == 0
+
+    run(scenario())
+
+
+def test_external_plugin_reconnects(tmp_path: Path) -> None:
+    path = str(tmp_path / "nri.sock")
+
+    async def scenario() -> None:
+        listener = driver.ExternalListener(path)
+        await listener.start()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NRI_")}
+        proc = await asyncio.create_subprocess_exec(
+            *driver.plugin_command("--empty", "--socket", path, "--name", "ext", "--idx", "20"),
+            env=env,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            for round_ in range(2):
+                conn = await asyncio.wait_for(listener.connections.get(), 15)
+                await conn.handshake()
+                assert conn.registration is not None
+                assert conn.registration.plugin_name == "ext"
+                result = await conn.create_container(
+                    nri_pb2.PodSandbox(id="p"), nri_pb2.Container(id=f"c{round_}", name="app")
+                )
+                assert result.response is not None
+                # the runtime goes away ...
+                conn.close("runtime restarting")
+                await listener.stop()
+                await asyncio.sleep(0.3)
+                # ... and comes back on the same path
+                await listener.start()
+            assert proc.returncode is None
+        finally:
+            proc.terminate()
+            _, err = await proc.communicate()
+            await listener.stop()
+        assert b"reconnecting" in err or b"unavailable" in err
+
+    run(scenario(), timeout=60)
