@@ -1,0 +1,47 @@
+# nri-seccomp developer targets. Every target installs what it needs itself.
+PYTHON ?= python3
+APT_PACKAGES := docker-registry libseccomp2 skopeo golang-github-containers-common
+PROTO_FILES := $(wildcard proto/nri_seccomp/pb/*.proto)
+
+.PHONY: deps proto test lint demo bench install clean
+
+# System packages (Debian) and Python packages; skipped when already present.
+deps:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "apt-get install:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@$(PYTHON) -c "import nri_seccomp, google.protobuf, oras, pyseccomp, yaml, pytest, hypothesis, grpc_tools" 2>/dev/null \
+	  && $(PYTHON) -m pip show nri-seccomp >/dev/null 2>&1 \
+	  || $(PYTHON) -m pip install -q -e ".[dev]"
+
+# Regenerate the protobuf message code from our .proto files.
+proto:
+	$(PYTHON) -m grpc_tools.protoc -I proto --python_out=. --pyi_out=. $(PROTO_FILES)
+
+test: deps
+	$(PYTHON) -m pytest -q -p no:cacheprovider
+
+lint: deps
+	$(PYTHON) -m ruff check nri_seccomp tests bench
+	$(PYTHON) -m mypy nri_seccomp
+
+# A local registry, a sample annotated pod, and the linux.seccomp it gets.
+demo: deps
+	$(PYTHON) -m nri_seccomp.demo
+
+bench: deps
+	$(PYTHON) -m bench
+
+# Install as a pre-installed NRI plugin (containerd runs /opt/nri/plugins/IDX-NAME).
+install: deps
+	install -d /opt/nri/plugins /etc/nri/conf.d
+	printf '#!/bin/sh\nexec %s -m nri_seccomp "$$@"\n' "$$(command -v $(PYTHON))" > /opt/nri/plugins/10-seccomp-oci
+	chmod 0755 /opt/nri/plugins/10-seccomp-oci
+	[ -e /etc/nri/conf.d/10-seccomp-oci.conf ] || install -m 0644 config/nri-seccomp.yaml /etc/nri/conf.d/10-seccomp-oci.conf
+
+clean:
+	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info
