@@ -1,0 +1,212 @@
+"""The plugin's YAML configuration, validated with a message for every bad value.
+
+A pre-installed plugin receives the text of ``/etc/nri/conf.d/IDX-NAME.conf``
+in Configure; an external plugin reads ``--config``. Empty text means defaults.
+Unknown keys are errors, not warnings: a misspelt security setting must not be
+silently ignored.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_CACHE_DIR = "/var/lib/nri-seccomp/cache"
+MAX_PROFILE_BYTES = 1024 * 1024  # CRI-O's cap
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key and the problem."""
+
+
+@dataclass(frozen=True)
+class RegistrySettings:
+    #: per HTTP call (connect and each read), seconds
+    timeout: float = 1.5
+    #: registries spoken to over plain HTTP, "host:port"
+    insecure: tuple[str, ...] = ()
+    tls_verify: bool = True
+    ca_file: str | None = None
+    #: docker config.json with "auths" credentials
+    docker_config: str | None = None
+    #: glob patterns over "registry/repository"; the default allows every registry
+    allowed: tuple[str, ...] = ("*",)
+    require_digest: bool = False
+    max_profile_bytes: int = MAX_PROFILE_BYTES
+
+
+@dataclass(frozen=True)
+class Config:
+    cache_dir: str = DEFAULT_CACHE_DIR
+    cache_max_bytes: int = 256 * 1024 * 1024
+    #: answer this long before the runtime's request timeout
+    deadline_margin: float = 0.25
+    #: a tag reference is re-resolved at the registry when its cache entry is older
+    tag_ttl: float = 300.0
+    #: serve a cached tag this old at most when the registry cannot be reached
+    stale_if_error_max_age: float = 7 * 24 * 3600.0
+    #: "refuse" a profile naming a syscall libseccomp does not know, or "warn" and skip it
+    unknown_syscalls: str = "refuse"
+    #: what to do when the runtime does not say which seccomp profile a container has
+    #: (containerd 2.2.0): "refuse" annotated containers, or "apply" the annotation
+    when_profile_unknown: str = "refuse"
+    #: on a runtime that cannot carry a per-syscall errno, send EPERM instead (warned)
+    allow_errno_degrade: bool = False
+    #: look up image annotations in the image's manifest at its registry
+    image_annotations: bool = True
+    #: when image annotations cannot be read: "ignore" (warn) or "refuse"
+    image_annotations_on_error: str = "ignore"
+    #: force runtime capabilities (a distribution that backported a fix)
+    runtime_overrides: Mapping[str, bool] = field(default_factory=dict)
+    #: concurrent registry fetches
+    fetch_workers: int = 8
+    log_level: str = "info"
+    registry: RegistrySettings = field(default_factory=RegistrySettings)
+
+
+_CHOICES = {
+    "unknown_syscalls": ("refuse", "warn"),
+    "when_profile_unknown": ("refuse", "apply"),
+    "image_annotations_on_error": ("ignore", "refuse"),
+    "log_level": ("debug", "info", "warning", "error"),
+}
+_RUNTIME_CAPS = (
+    "applies_seccomp_adjustment",
+    "passes_seccomp_profile",
+    "errno_ret_safe",
+    "keeps_default_errno",
+    "passes_image",
+)
+
+
+def load_file(path: str | Path) -> Config:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration {path}: {exc.strerror or exc}") from exc
+    return load(text, source=str(path))
+
+
+def load(text: str, source: str = "configuration") -> Config:
+    if not text.strip():
+        return Config()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+    if data is None:
+        return Config()
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {_kind(data)}")
+    config: Config = _build(Config, data, "")
+    return config
+
+
+def _build(cls: Any, data: Mapping[str, Any], prefix: str) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        where = f"{prefix}{key}"
+        if key not in known:
+            hint = difflib.get_close_matches(str(key), known, n=1, cutoff=0.7)
+            raise ConfigError(
+                f"unknown configuration key {where!r}"
+                + (f" (did you mean {prefix + hint[0]!r}?)" if hint else "")
+            )
+        kwargs[key] = _value(key, value, where, getattr(cls(), key))
+    return cls(**kwargs)
+
+
+def _value(key: str, value: Any, where: str, default: Any) -> Any:
+    if isinstance(default, RegistrySettings):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {_kind(value)}")
+        return _build(RegistrySettings, value, f"{where}.")
+    if key == "runtime_overrides":
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {_kind(value)}")
+        for cap, flag in value.items():
+            if cap not in _RUNTIME_CAPS:
+                raise ConfigError(
+                    f"{where}: unknown capability {cap!r}, expected one of "
+                    + ", ".join(_RUNTIME_CAPS)
+                )
+            if not isinstance(flag, bool):
+                raise ConfigError(f"{where}.{cap}: expected true or false, got {_kind(flag)}")
+        return dict(value)
+    if key in _CHOICES:
+        if value not in _CHOICES[key]:
+            raise ConfigError(
+                f"{where}: expected one of {', '.join(_CHOICES[key])}, got {value!r}"
+            )
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {_kind(value)}")
+        return value
+    if isinstance(default, int) and not isinstance(default, bool):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected a whole number, got {_kind(value)}")
+        return _check_number(key, value, where)
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number of seconds, got {_kind(value)}")
+        return _check_number(key, float(value), where)
+    if isinstance(default, tuple):
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(f"{where}: expected a list of non-empty strings")
+        if key == "allowed":
+            for pattern in value:
+                _check_pattern(pattern, where)
+        return tuple(value)
+    # strings, possibly optional
+    if value is None and default is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}: expected a non-empty string, got {_kind(value)}")
+    return value
+
+
+_RANGES: dict[str, tuple[float, float]] = {
+    "cache_max_bytes": (1024 * 1024, 1 << 40),
+    "deadline_margin": (0.01, 1.5),
+    "tag_ttl": (0.0, 365 * 86400.0),
+    "stale_if_error_max_age": (0.0, 365 * 86400.0),
+    "fetch_workers": (1, 64),
+    "timeout": (0.05, 30.0),
+    "max_profile_bytes": (1024, MAX_PROFILE_BYTES),
+}
+
+
+def _check_number(key: str, value: float, where: str) -> Any:
+    low, high = _RANGES.get(key, (0, float("inf")))
+    if not low <= value <= high:
+        raise ConfigError(f"{where}: {value} is out of range [{_num(low)}, {_num(high)}]")
+    return value
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def _check_pattern(pattern: str, where: str) -> None:
+    if "://" in pattern:
+        raise ConfigError(f"{where}: {pattern!r} must be registry/repository, not a URL")
+    if pattern != "*" and "/" not in pattern and "*" not in pattern:
+        raise ConfigError(
+            f"{where}: {pattern!r} names no repository; write {pattern + '/*'!r} to allow "
+            "the whole registry"
+        )
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    return f"{type(value).__name__} {value!r}"[:80]

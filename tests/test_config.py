@@ -1,0 +1,80 @@
+"""Every bad configuration value gets a message naming the key and the problem."""
+
+from __future__ import annotations
+
+import pytest
+
+from nri_seccomp.config import Config, ConfigError, RegistrySettings, load
+
+
+def test_empty_text_gives_defaults() -> None:
+    assert load("") == Config()
+    assert load("# nothing\n") == Config()
+
+
+def test_full_configuration() -> None:
+    cfg = load(
+        """
+cache_dir: /tmp/x
+deadline_margin: 0.3
+tag_ttl: 60
+unknown_syscalls: warn
+when_profile_unknown: apply
+allow_errno_degrade: true
+runtime_overrides: {errno_ret_safe: true}
+registry:
+  timeout: 1
+  insecure: [127.0.0.1:5000]
+  allowed: ["ghcr.io/acme/*", "127.0.0.1:5000/*"]
+  require_digest: true
+  max_profile_bytes: 65536
+"""
+    )
+    assert cfg.cache_dir == "/tmp/x"
+    assert cfg.deadline_margin == 0.3
+    assert cfg.tag_ttl == 60.0
+    assert cfg.runtime_overrides == {"errno_ret_safe": True}
+    assert cfg.registry == RegistrySettings(
+        timeout=1.0,
+        insecure=("127.0.0.1:5000",),
+        allowed=("ghcr.io/acme/*", "127.0.0.1:5000/*"),
+        require_digest=True,
+        max_profile_bytes=65536,
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[1, 2]", "expected a mapping at the top level, got list [1, 2]"),
+        ("a: [", "not valid YAML"),
+        ("cache_dri: /x", "unknown configuration key 'cache_dri' (did you mean 'cache_dir'?)"),
+        ("registry: {timout: 1}", "unknown configuration key 'registry.timout' (did you mean "
+         "'registry.timeout'?)"),
+        ("registry: 5", "registry: expected a mapping, got int 5"),
+        ("registry: {timeout: 0}", "registry.timeout: 0.0 is out of range [0.05, 30]"),
+        ("registry: {timeout: fast}", "registry.timeout: expected a number of seconds, got str"),
+        ("registry: {max_profile_bytes: 2000000}", "registry.max_profile_bytes: 2000000 is out "
+         "of range [1024, 1048576]"),
+        ("registry: {tls_verify: 'no'}", "registry.tls_verify: expected true or false, got str"),
+        ("registry: {allowed: ['https://ghcr.io/x']}", "must be registry/repository, not a URL"),
+        ("registry: {allowed: ['ghcr.io']}", "names no repository; write 'ghcr.io/*'"),
+        ("registry: {allowed: [1]}", "registry.allowed: expected a list of non-empty strings"),
+        ("registry: {ca_file: ''}", "registry.ca_file: expected a non-empty string"),
+        ("unknown_syscalls: ignore",
+         "unknown_syscalls: expected one of refuse, warn, got 'ignore'"),
+        ("when_profile_unknown: yes",
+         "when_profile_unknown: expected one of refuse, apply, got True"),
+        ("deadline_margin: 2", "deadline_margin: 2.0 is out of range [0.01, 1.5]"),
+        ("fetch_workers: 0", "fetch_workers: 0 is out of range [1, 64]"),
+        ("fetch_workers: true", "fetch_workers: expected a whole number, got bool True"),
+        ("runtime_overrides: {errno_safe: true}", "unknown capability 'errno_safe'"),
+        ("runtime_overrides: {errno_ret_safe: 1}", "runtime_overrides.errno_ret_safe: expected "
+         "true or false, got int 1"),
+        ("cache_max_bytes: 10", "cache_max_bytes: 10 is out of range"),
+    ],
+)
+def test_bad_values(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(text)
+    assert message in str(info.value)
