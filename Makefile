@@ -1,12 +1,15 @@
-# nri-seccomp developer targets. Every target installs what it needs itself.
-PYTHON ?= python3
+# nri-seccomp developer targets. Every target installs what it needs itself:
+# Debian packages with apt-get, Python packages into ./.venv with pip.
+SYSTEM_PYTHON ?= python3
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
 APT_PACKAGES := docker-registry libseccomp2 skopeo golang-github-containers-common
 PROTO_FILES := $(wildcard proto/nri_seccomp/pb/*.proto)
 
 .PHONY: deps proto test lint demo bench install clean
 
-# System packages (Debian) and Python packages; skipped when already present.
-deps:
+# Debian packages (skipped when present), then a virtualenv with our package.
+deps: $(VENV)/.installed
 	@missing=""; for p in $(APT_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
@@ -14,12 +17,14 @@ deps:
 	  echo "apt-get install:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
-	@$(PYTHON) -c "import nri_seccomp, google.protobuf, oras, pyseccomp, yaml, pytest, hypothesis, grpc_tools" 2>/dev/null \
-	  && $(PYTHON) -m pip show nri-seccomp >/dev/null 2>&1 \
-	  || $(PYTHON) -m pip install -q -e ".[dev]"
+
+$(VENV)/.installed: pyproject.toml
+	[ -x $(PYTHON) ] || $(SYSTEM_PYTHON) -m venv $(VENV)
+	$(PYTHON) -m pip install -q -e ".[dev]"
+	touch $@
 
 # Regenerate the protobuf message code from our .proto files.
-proto:
+proto: $(VENV)/.installed
 	$(PYTHON) -m grpc_tools.protoc -I proto --python_out=. --pyi_out=. $(PROTO_FILES)
 
 test: deps
@@ -39,9 +44,9 @@ bench: deps
 # Install as a pre-installed NRI plugin (containerd runs /opt/nri/plugins/IDX-NAME).
 install: deps
 	install -d /opt/nri/plugins /etc/nri/conf.d
-	printf '#!/bin/sh\nexec %s -m nri_seccomp "$$@"\n' "$$(command -v $(PYTHON))" > /opt/nri/plugins/10-seccomp-oci
+	printf '#!/bin/sh\nexec %s -m nri_seccomp "$$@"\n' "$(abspath $(PYTHON))" > /opt/nri/plugins/10-seccomp-oci
 	chmod 0755 /opt/nri/plugins/10-seccomp-oci
 	[ -e /etc/nri/conf.d/10-seccomp-oci.conf ] || install -m 0644 config/nri-seccomp.yaml /etc/nri/conf.d/10-seccomp-oci.conf
 
 clean:
-	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info
