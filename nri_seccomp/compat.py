@@ -1,0 +1,475 @@
+"""Send each runtime only what it applies correctly: the profile's exact errnos, or a refusal.
+
+Two defects of containerd's NRI code decide what a seccomp adjustment may carry
+(nri-protocol.md in the shared docs, "Runtime defects"):
+
+* a per-syscall ``errno_ret`` makes containerd 2.2.x (NRI < 0.12) panic, taking
+  the node's runtime down;
+* ``default_errno`` is dropped by every NRI release so far, so the runtime's
+  runc falls back to EPERM for the default action.
+
+runc returns EPERM for ``SCMP_ACT_ERRNO`` (and ``SCMP_ACT_TRACE``) without an
+errno, so an errno of 1 can always be left out with no change of meaning.
+Anything else is kept exactly or refused:
+
+* a rule's ``errnoRet`` other than EPERM needs a runtime where ``errno_ret`` is
+  safe;
+* a ``defaultErrnoRet`` other than EPERM, where ``errno_ret`` is safe, becomes an
+  explicit rule with that errno listing every syscall that would reach the
+  default action: every syscall libseccomp (here) knows for the policy's
+  architectures that no rule decides. Only calls this libseccomp does not know
+  (newer syscalls, or numbers no libseccomp names) still fall to the runtime's
+  default, which is then EPERM. A syscall that reaches the default only for
+  some argument values gets rules for exactly those values when they are a few
+  ranges of one 32-bit argument (libseccomp's socketcall and ipc multiplexing on
+  x86, whose operations the profile allows only in part); otherwise, as for
+  Docker's and Debian's ``personality`` rules on 64-bit arguments, the profile
+  is refused.
+
+``allow_errno_degrade`` turns each refusal into a warning and EPERM. Whenever an
+explicit default rule is added, the result is checked by compiling both policies
+with libseccomp and comparing what their filters do for every syscall on every
+architecture; a difference is a refusal, never a silently different filter.
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from nri_seccomp import profile
+from nri_seccomp.pb import nri_pb2
+
+EPERM = errno_mod.EPERM
+
+
+class RuntimeCapsLike(Protocol):
+    """What this module needs to know of a runtime (``runtimes.RuntimeCaps`` has it)."""
+
+    @property
+    def errno_ret_safe(self) -> bool: ...
+
+    @property
+    def keeps_default_errno(self) -> bool: ...
+
+    @property
+    def description(self) -> str: ...
+
+
+class UnsupportedByRuntime(Exception):
+    """The runtime cannot apply this policy with its exact meaning; the container is refused."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        runtime: str,
+        errno: int,
+        syscalls: Sequence[str] = (),
+        rule_index: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        #: the runtime's description (e.g. "containerd 2.2.4 (NRI v0.11.0)")
+        self.runtime = runtime
+        #: the errno that cannot be carried
+        self.errno = errno
+        #: the syscalls whose errno would change
+        self.syscalls = tuple(syscalls)
+        #: the rule at fault (policy index, or the profile's when ``origin`` was given)
+        self.rule_index = rule_index
+
+
+class RuntimeWouldCrash(ValueError):
+    """``effective_policy`` was given a policy the runtime would crash on."""
+
+
+@dataclass(frozen=True)
+class Translation:
+    #: what to send as the adjustment's ``linux.seccomp``; the input is left untouched
+    policy: nri_pb2.LinuxSeccomp
+    #: meaning changed because allow_errno_degrade permitted it: log per container
+    warnings: tuple[str, ...] = ()
+    #: meaning kept, representation changed: worth a debug line
+    notes: tuple[str, ...] = ()
+    #: names listed in the explicit rule that carries defaultErrnoRet, if one was added
+    materialised: tuple[str, ...] = ()
+    #: syscalls given argument-conditional rules with defaultErrnoRet (socketcall on x86)
+    complemented: tuple[str, ...] = ()
+
+
+def _errno_name(n: int) -> str:
+    return errno_mod.errorcode.get(n, "unknown errno")
+
+
+def translate(
+    policy: nri_pb2.LinuxSeccomp,
+    caps: RuntimeCapsLike,
+    *,
+    allow_errno_degrade: bool = False,
+    origin: Sequence[int] | None = None,
+) -> Translation:
+    """Rewrite ``policy`` so that ``caps``' runtime applies exactly its meaning, or raise.
+
+    ``origin`` (``Profile.rule_indexes``) makes messages use the profile's rule numbers.
+    """
+    if origin is not None and len(origin) != len(policy.syscalls):
+        raise ValueError("origin must give one index per policy rule")
+    out = nri_pb2.LinuxSeccomp()
+    out.CopyFrom(policy)
+    warnings: list[str] = []
+    notes: list[str] = []
+
+    if not caps.errno_ret_safe:
+        _strip_errno_ret(out, caps, allow_errno_degrade, origin, warnings, notes)
+
+    materialised: tuple[str, ...] = ()
+    complemented: tuple[str, ...] = ()
+    if out.HasField("default_errno") and not caps.keeps_default_errno:
+        d = out.default_errno.value
+        what = f"defaultErrnoRet {d} ({_errno_name(d)})"
+        if out.default_action not in profile.ERRNO_ACTIONS:
+            out.ClearField("default_errno")
+            notes.append(f"{what} dropped: it has no effect with {out.default_action}")
+        elif d == EPERM:
+            out.ClearField("default_errno")
+            notes.append(f"{what} left out: the runtime uses EPERM without it")
+        elif caps.errno_ret_safe:
+            try:
+                materialised, complemented = _materialise(
+                    policy, out, caps, d, allow_errno_degrade, warnings
+                )
+            except profile.AnalysisTooCostly as exc:
+                raise UnsupportedByRuntime(
+                    f"{what} cannot be shown to be kept on {caps.description} (its NRI drops "
+                    f"default_errno): {exc}",
+                    runtime=caps.description,
+                    errno=d,
+                ) from exc
+            notes.append(
+                f"{what} carried by an explicit {out.default_action} rule over "
+                f"{len(materialised)} syscalls libseccomp {profile.libseccomp_version()} knows "
+                f"for {', '.join(profile.policy_arches(policy))}"
+                + (
+                    f" and by argument-conditional rules for {', '.join(complemented)}"
+                    if complemented
+                    else ""
+                )
+                + f": {caps.description} drops default_errno; syscalls unknown to "
+                "libseccomp get EPERM"
+            )
+        elif allow_errno_degrade:
+            out.ClearField("default_errno")
+            warnings.append(
+                f"{what} degraded to EPERM (allow_errno_degrade): {caps.description} drops "
+                "default_errno and cannot carry a per-syscall errno_ret"
+            )
+        else:
+            raise UnsupportedByRuntime(
+                f"{what} cannot be kept on {caps.description}: its NRI drops default_errno "
+                "(every call reaching the default action would get EPERM), and the "
+                "per-syscall errno_ret that could carry it crashes this runtime; "
+                "allow_errno_degrade accepts EPERM",
+                runtime=caps.description,
+                errno=d,
+            )
+    return Translation(out, tuple(warnings), tuple(notes), materialised, complemented)
+
+
+def _strip_errno_ret(
+    out: nri_pb2.LinuxSeccomp,
+    caps: RuntimeCapsLike,
+    allow_errno_degrade: bool,
+    origin: Sequence[int] | None,
+    warnings: list[str],
+    notes: list[str],
+) -> None:
+    omitted = 0
+    for pos, sc in enumerate(out.syscalls):
+        if not sc.HasField("errno_ret"):
+            continue
+        index = origin[pos] if origin is not None else pos
+        where = profile.rule_label(index, tuple(sc.names))
+        e = sc.errno_ret.value
+        sc.ClearField("errno_ret")
+        if sc.action not in profile.ERRNO_ACTIONS:
+            notes.append(f"{where}: errnoRet {e} dropped: it has no effect with {sc.action}")
+        elif e == EPERM:
+            omitted += 1
+        elif allow_errno_degrade:
+            warnings.append(
+                f"{where}: errnoRet {e} ({_errno_name(e)}) degraded to EPERM "
+                f"(allow_errno_degrade): {caps.description} cannot carry a per-syscall errno_ret"
+            )
+        else:
+            first = sc.names[0] if sc.names else "?"
+            raise UnsupportedByRuntime(
+                f"{where}: errnoRet {e} ({_errno_name(e)}) for {first} cannot be sent to "
+                f"{caps.description}: a per-syscall errno_ret crashes its NRI, and without it "
+                "the call would get EPERM; allow_errno_degrade accepts EPERM",
+                runtime=caps.description,
+                errno=e,
+                syscalls=tuple(sc.names),
+                rule_index=index,
+            )
+    if omitted:
+        notes.append(
+            f"errnoRet 1 (EPERM) left out of {omitted} rule(s): {caps.description} crashes on "
+            "errno_ret, and the runtime uses EPERM without it"
+        )
+
+
+def _materialise(
+    original: nri_pb2.LinuxSeccomp,
+    out: nri_pb2.LinuxSeccomp,
+    caps: RuntimeCapsLike,
+    d: int,
+    allow_errno_degrade: bool,
+    warnings: list[str],
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    default = profile.action_of(original.default_action, d)
+    # decided from what the original filter does, not from the names the profile
+    # lists: rules equal to the default are skipped, a later unconditional rule
+    # loses to an earlier one, and libseccomp adds rules of its own (socketcall
+    # and ipc on x86), so the names alone would mislead.
+    # name → architecture → "all" / "none" / "some" of its calls reach the default
+    reach: dict[str, dict[str, str]] = {}
+    for arch in profile.policy_arches(original):
+        outcomes: dict[str, set[bool]] = {}
+        for key, act in profile.action_table(original, arch).items():
+            outcomes.setdefault(key.partition("(")[0], set()).add(act == default)
+        for name, seen in outcomes.items():
+            kind = "all" if seen == {True} else "none" if seen == {False} else "some"
+            reach.setdefault(name, {})[arch] = kind
+    names = sorted(n for n, by in reach.items() if set(by.values()) == {"all"})
+    # "some" cannot be expressed; "all" on one architecture and "none" on another
+    # cannot either, as a rule names a syscall on every architecture at once
+    mixed = {
+        n: [a for a, kind in by.items() if kind != "none"]
+        for n, by in sorted(reach.items())
+        if "some" in by.values() or len(set(by.values())) > 1
+    }
+    # a syscall that reaches the default only for some values of one 32-bit
+    # argument (socketcall and ipc on x86, multiplexed by libseccomp) gets explicit
+    # rules for exactly those values; anything else cannot be expressed
+    complements: dict[str, list[tuple[int, str, int, int]]] = {}
+    for n in list(mixed):
+        conds = _default_region(original, n, default)
+        if conds is not None:
+            complements[n] = conds
+            del mixed[n]
+    what = f"defaultErrnoRet {d} ({_errno_name(d)})"
+    if mixed:
+        listed = ", ".join(f"{n} ({', '.join(arches)})" for n, arches in mixed.items())
+        if not allow_errno_degrade:
+            raise UnsupportedByRuntime(
+                f"{what} cannot be kept exactly on {caps.description}: its NRI drops "
+                "default_errno, and these syscalls reach the default action only for some "
+                "argument values or architectures, which no explicit rule can express: "
+                f"{listed}; allow_errno_degrade accepts EPERM for them",
+                runtime=caps.description,
+                errno=d,
+                syscalls=tuple(mixed),
+            )
+        warnings.append(
+            f"{what} degraded to EPERM (allow_errno_degrade) where these syscalls reach the "
+            f"default action: {listed}"
+        )
+    out.ClearField("default_errno")
+    if names:
+        rule = out.syscalls.add(names=names, action=original.default_action)
+        rule.errno_ret.value = d
+    for n, conds in complements.items():
+        for index, op, value, value_two in conds:
+            rule = out.syscalls.add(names=[n], action=original.default_action)
+            rule.errno_ret.value = d
+            rule.args.add(index=index, op=op, value=value, value_two=value_two)
+    try:
+        # the explicit rules make the filter longer: it must still load
+        profile.compile_check(out, unknown_syscalls="warn")
+    except profile.CompileError as exc:
+        raise UnsupportedByRuntime(
+            f"{what} cannot be kept on {caps.description} by explicit rules (its NRI drops "
+            f"default_errno): {exc}",
+            runtime=caps.description,
+            errno=d,
+        ) from exc
+    _verify(original, out, caps, d, set(mixed))
+    return tuple(names), tuple(complements)
+
+
+_M32 = 0xFFFFFFFF
+#: beyond this many rules for one syscall, refuse rather than bloat the filter
+_MAX_COMPLEMENT_RULES = 32
+
+
+def _default_region(
+    policy: nri_pb2.LinuxSeccomp, name: str, default: tuple[str, int | None]
+) -> list[tuple[int, str, int, int]] | None:
+    """Conditions (index, op, value, valueTwo), one rule each, that match exactly the
+    calls of ``name`` that reach the default action; None if that takes more than
+    one 32-bit argument word, differs between architectures, or needs too many rules."""
+    found: list[tuple[int, str, int, int]] | None = None
+    for arch in profile.policy_arches(policy):
+        if name not in profile.known_syscalls(arch):
+            continue
+        outcomes = profile.syscall_outcomes(policy, arch, name)
+        offsets = {off for probe in outcomes for off, _ in probe}
+        if len(offsets) != 1:
+            return None
+        (off,) = offsets
+        index, high = profile.word_of(arch, off)
+        if high:
+            return None
+        seen = {dict(p).get(off, 0) for p in outcomes}
+        # every compared constant is in seen with its neighbours; between two
+        # points the filter's answer is constant if it is at both ends of the gap
+        points = set(seen) | {0, _M32}
+        for v in sorted(seen):
+            points.update(x for x in (v - 1, v + 1) if 0 <= x <= _M32)
+        ordered = sorted(points)
+        edges = {a + 1 for a, b in itertools.pairwise(ordered) if b - a > 1}
+        edges |= {b - 1 for a, b in itertools.pairwise(ordered) if b - a > 1}
+        probes = {v: (((off, v),) if v else ()) for v in points | edges}
+        acts = profile.syscall_outcomes(policy, arch, name, extra=probes.values())
+        at = {v: acts[p] for v, p in probes.items()}
+        hits: list[tuple[int, int]] = []
+        for a, b in itertools.pairwise(ordered):
+            if at[a] == default:
+                hits.append((a, a))
+            if b - a > 1:
+                if at[a + 1] != at[b - 1]:
+                    return None
+                if at[a + 1] == default:
+                    hits.append((a + 1, b - 1))
+        if at[ordered[-1]] == default:
+            hits.append((ordered[-1], ordered[-1]))
+        conds = _conditions(index, _merge(hits))
+        if len(conds) > _MAX_COMPLEMENT_RULES or (found is not None and conds != found):
+            return None
+        found = conds
+    return found
+
+
+def _merge(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for lo, hi in sorted(intervals):
+        if merged and lo <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(hi, merged[-1][1]))
+        else:
+            merged.append((lo, hi))
+    return merged
+
+
+def _conditions(index: int, intervals: list[tuple[int, int]]) -> list[tuple[int, str, int, int]]:
+    conds: list[tuple[int, str, int, int]] = []
+    for lo, hi in intervals:
+        if lo == hi:
+            conds.append((index, "SCMP_CMP_EQ", lo, 0))
+        elif hi == _M32:
+            conds.append((index, "SCMP_CMP_GE", lo, 0))
+        elif lo == 0:
+            conds.append((index, "SCMP_CMP_LE", hi, 0))
+        else:
+            # aligned power-of-two blocks, one masked comparison each
+            while lo <= hi:
+                size = lo & -lo or 1 << 32
+                while lo + size - 1 > hi:
+                    size >>= 1
+                if size == 1:
+                    conds.append((index, "SCMP_CMP_EQ", lo, 0))
+                else:
+                    conds.append((index, "SCMP_CMP_MASKED_EQ", _M32 & ~(size - 1), lo))
+                lo += size
+    return conds
+
+
+def _verify(
+    original: nri_pb2.LinuxSeccomp,
+    translated: nri_pb2.LinuxSeccomp,
+    caps: RuntimeCapsLike,
+    d: int,
+    degraded: set[str],
+) -> None:
+    diffs = [
+        _fmt_diff(diff)
+        for diff in _differences(original, effective_policy(translated, caps))
+        if diff[1].partition("(")[0] not in degraded
+    ]
+    if diffs:
+        shown = "; ".join(diffs[:5]) + (f"; … ({len(diffs)} in all)" if len(diffs) > 5 else "")
+        raise UnsupportedByRuntime(
+            f"the policy rewritten for {caps.description} would not keep the profile's "
+            f"meaning, refusing it: {shown}",
+            runtime=caps.description,
+            errno=d,
+        )
+
+
+def effective_policy(
+    policy: nri_pb2.LinuxSeccomp, caps: RuntimeCapsLike
+) -> nri_pb2.LinuxSeccomp:
+    """The policy as ``caps``' runtime applies it: default_errno dropped where NRI drops it.
+
+    Raises :class:`RuntimeWouldCrash` for an ``errno_ret`` the runtime cannot take.
+    """
+    out = nri_pb2.LinuxSeccomp()
+    out.CopyFrom(policy)
+    if not caps.keeps_default_errno:
+        out.ClearField("default_errno")
+    if not caps.errno_ret_safe:
+        for i, sc in enumerate(out.syscalls):
+            if sc.HasField("errno_ret"):
+                raise RuntimeWouldCrash(
+                    f"syscalls[{i}] has errno_ret {sc.errno_ret.value}: {caps.description} "
+                    "would crash on it"
+                )
+    return out
+
+
+_Act = tuple[str, int | None] | None
+_Diff = tuple[str, str, _Act, _Act]
+
+
+def _differences(a: nri_pb2.LinuxSeccomp, b: nri_pb2.LinuxSeccomp) -> list[_Diff]:
+    arches_a = profile.policy_arches(a)
+    arches_b = profile.policy_arches(b)
+    if set(arches_a) != set(arches_b):
+        return [(", ".join(arches_a), "(architectures)", None, None)]
+    out: list[_Diff] = []
+    for arch in arches_a:
+        ta = profile.action_table(a, arch, probe_with=[b])
+        tb = profile.action_table(b, arch, probe_with=[a])
+        for key in sorted(ta.keys() | tb.keys()):
+            va, vb = ta.get(key), tb.get(key)
+            if va != vb:
+                out.append((arch, key, va, vb))
+    return out
+
+
+def differences(a: nri_pb2.LinuxSeccomp, b: nri_pb2.LinuxSeccomp) -> list[str]:
+    """Where libseccomp's filters for ``a`` and ``b`` act differently, on every architecture.
+
+    Entries read ``SCMP_ARCH_X86 personality(a0=0x1): SCMP_ACT_ERRNO(38) → SCMP_ACT_ERRNO(1)``;
+    an empty list means the same action for every syscall libseccomp knows.
+    """
+    if set(profile.policy_arches(a)) != set(profile.policy_arches(b)):
+        return [
+            f"architectures differ: {', '.join(profile.policy_arches(a))} → "
+            f"{', '.join(profile.policy_arches(b))}"
+        ]
+    return [_fmt_diff(d) for d in _differences(a, b)]
+
+
+def _fmt_diff(d: _Diff) -> str:
+    arch, key, va, vb = d
+    return f"{arch} {key}: {_fmt(va)} → {_fmt(vb)}"
+
+
+def _fmt(v: _Act) -> str:
+    if v is None:
+        return "absent"
+    name, data = v
+    return name if data is None else f"{name}({data})"
