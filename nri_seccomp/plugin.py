@@ -1,0 +1,268 @@
+"""The seccomp plugin: glue from an NRI CreateContainer to a linux.seccomp adjustment.
+
+resolution (resolver) → eligibility (policy) → reference (reference) →
+profile (store: cache, registry, libseccomp) → runtime translation (compat).
+Every refusal becomes an error status, which fails the container creation: a
+workload that asked for a profile never runs without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from nri_seccomp import compat, config, policy, profile, reference, resolver, runtimes, ttrpc
+from nri_seccomp.artifacts import ArtifactError, ArtifactFetcher, FetchSettings
+from nri_seccomp.cache import Cache, CacheError
+from nri_seccomp.images import ImageAnnotations, ImageLookupError
+from nri_seccomp.pb import nri_pb2
+from nri_seccomp.store import Compiled, NotReady, ProfileRejected, ProfileStore, StoreSettings
+from nri_seccomp.stub import RuntimeInfo
+
+log = logging.getLogger(__name__)
+
+IMAGE_NAME_ANNOTATION = "io.kubernetes.cri.image-name"
+#: translations (profile digest, runtime) kept in memory
+TRANSLATIONS_KEPT = 256
+
+
+class SeccompPlugin:
+    def __init__(self, config_path: str | None = None) -> None:
+        self._config_path = config_path
+        self.config = config.Config()
+        self.caps = runtimes.capabilities("", "")
+        self.runtime = RuntimeInfo()
+        self.store: ProfileStore | None = None
+        self.images: ImageAnnotations | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._translations: collections.OrderedDict[
+            tuple[str, runtimes.RuntimeCaps, bool], asyncio.Future[compat.Translation]
+        ] = collections.OrderedDict()
+
+    # ---- lifecycle -----------------------------------------------------------
+
+    async def configure(self, text: str, runtime: RuntimeInfo) -> None:
+        try:
+            cfg = (
+                config.load_file(self._config_path)
+                if self._config_path
+                else config.load(text, "NRI plugin configuration")
+            )
+            caps = runtimes.capabilities(
+                runtime.name, runtime.version, runtime.nri_version, cfg.runtime_overrides
+            )
+        except (config.ConfigError, ValueError) as exc:
+            log.error("refusing configuration: %s", exc)
+            raise ttrpc.RpcError(ttrpc.Code.INVALID_ARGUMENT, str(exc)) from exc
+        logging.getLogger("nri_seccomp").setLevel(cfg.log_level.upper())
+        self.config, self.caps, self.runtime = cfg, caps, runtime
+        self._translations.clear()
+        log.info(
+            "runtime %s: seccomp adjustment %s, errnoRet %s, defaultErrnoRet %s",
+            caps.description,
+            "applied" if caps.applies_seccomp_adjustment else "NOT applied (annotated "
+            "containers will be refused)",
+            "carried" if caps.errno_ret_safe else "crashes the runtime (kept out)",
+            "carried" if caps.keeps_default_errno else "dropped (materialised or refused)",
+        )
+        if self.store is None:
+            self.store = self._build_store(cfg)
+
+    def _build_store(self, cfg: config.Config) -> ProfileStore:
+        reg = cfg.registry
+        self._executor = ThreadPoolExecutor(cfg.fetch_workers, thread_name_prefix="fetch")
+        try:
+            fetcher = self._fetcher(reg)
+        except ValueError as exc:  # unreadable docker config
+            raise ttrpc.RpcError(ttrpc.Code.INVALID_ARGUMENT, str(exc)) from exc
+        self.images = ImageAnnotations(fetcher, self._executor)
+        disk: Cache | None
+        try:
+            disk = Cache(Path(cfg.cache_dir), cfg.cache_max_bytes)
+        except (CacheError, OSError) as exc:
+            # still correct without the disk copy, only slower after a restart
+            log.error("on-disk cache %s unavailable, continuing without it: %s", cfg.cache_dir, exc)
+            disk = None
+        return ProfileStore(
+            fetcher,
+            disk,
+            self._executor,
+            StoreSettings(
+                tag_ttl=cfg.tag_ttl,
+                stale_if_error_max_age=cfg.stale_if_error_max_age,
+                unknown_syscalls=cfg.unknown_syscalls,
+            ),
+            profile.node_context(),
+        )
+
+    @staticmethod
+    def _fetcher(reg: config.RegistrySettings) -> ArtifactFetcher:
+        return ArtifactFetcher(
+            FetchSettings(
+                timeout=reg.timeout,
+                max_size=reg.max_profile_bytes,
+                insecure_registries=frozenset(reg.insecure),
+                tls_verify=reg.tls_verify,
+                ca_file=reg.ca_file,
+                docker_config=reg.docker_config,
+                allowed=reg.allowed,
+                require_digest=reg.require_digest,
+            )
+        )
+
+    async def on_disconnect(self) -> None:
+        self._translations.clear()
+
+    # ---- events ----------------------------------------------------------------
+
+    async def run_pod_sandbox(self, pod: nri_pb2.PodSandbox) -> None:
+        """Start fetching every profile the pod's annotations name, before its containers."""
+        if self.store is None:
+            return
+        for key, value in pod.annotations.items():
+            if not value or not key.startswith((resolver.KEY_V2 + "/", resolver.KEY_V1 + "/")):
+                continue
+            try:
+                resolver.check_value(key, value)
+                ref = reference.parse(value)
+            except (resolver.AnnotationError, reference.ReferenceError):
+                continue  # refused with its message when a container uses it
+            self.store.prefetch(ref)
+
+    async def create_container(
+        self, pod: nri_pb2.PodSandbox, container: nri_pb2.Container, call: ttrpc.Call
+    ) -> nri_pb2.CreateContainerResponse:
+        deadline = self._deadline(call)
+        try:
+            seccomp = await self._seccomp_for(pod, container, deadline)
+        except Refused as exc:
+            log.error("refusing container %s/%s/%s: %s",
+                      pod.namespace, pod.name, container.name, exc)
+            raise ttrpc.RpcError(exc.code, str(exc)) from None
+        resp = nri_pb2.CreateContainerResponse()
+        if seccomp is not None:
+            resp.adjust.linux.seccomp_policy.CopyFrom(seccomp)
+        return resp
+
+    def _deadline(self, call: ttrpc.Call) -> float:
+        limit = call.received + self.runtime.request_timeout
+        if call.deadline is not None:
+            limit = min(limit, call.deadline)
+        return limit - self.config.deadline_margin
+
+    async def _seccomp_for(
+        self, pod: nri_pb2.PodSandbox, container: nri_pb2.Container, deadline: float
+    ) -> nri_pb2.LinuxSeccomp | None:
+        try:
+            image_annotations = await self._image_annotations(container, deadline)
+            match = resolver.resolve(pod.annotations, container.name, image_annotations)
+        except resolver.AnnotationError as exc:
+            raise Refused(ttrpc.Code.INVALID_ARGUMENT, str(exc)) from exc
+        if match is None:
+            return None
+        log.info("%s", match.log_line)
+        if not match.reference:
+            return None
+        decision = policy.eligibility(
+            container.linux if container.HasField("linux") else None,
+            self.caps,
+            self.config.when_profile_unknown,
+        )
+        if decision.refuse:
+            raise Refused(ttrpc.Code.FAILED_PRECONDITION, decision.reason)
+        if not decision.eligible:
+            log.info("not applying %s to container %s: %s",
+                     match.reference, container.name, decision.reason)
+            return None
+        try:
+            ref = reference.parse(match.reference)
+        except reference.ReferenceError as exc:
+            raise Refused(ttrpc.Code.INVALID_ARGUMENT, f"{match.key}: {exc}") from exc
+        assert self.store is not None, "CreateContainer before Configure"
+        try:
+            ready = await self.store.get(ref, deadline)
+        except NotReady as exc:
+            raise Refused(ttrpc.Code.UNAVAILABLE, str(exc)) from exc
+        except ArtifactError as exc:
+            raise Refused(
+                ttrpc.Code.FAILED_PRECONDITION,
+                f"try to pull OCI artifact seccomp profile: pull OCI artifact: {exc}",
+            ) from exc
+        except ProfileRejected as exc:
+            raise Refused(ttrpc.Code.FAILED_PRECONDITION, f"{ref}: {exc}") from exc
+        translation = await self._translate(ref, ready.compiled, deadline)
+        for warning in translation.warnings:
+            log.warning("container %s/%s: %s", pod.name, container.name, warning)
+        log.info("applying seccomp profile %s (%s, %s) to container %s/%s/%s",
+                 ref, ready.compiled.digest, ready.source, pod.namespace, pod.name,
+                 container.name)
+        return translation.policy
+
+    async def _image_annotations(
+        self, container: nri_pb2.Container, deadline: float
+    ) -> dict[str, str]:
+        if not self.config.image_annotations or self.images is None:
+            return {}
+        name = container.image.name or container.annotations.get(IMAGE_NAME_ANNOTATION, "")
+        if not name:
+            return {}
+        try:
+            ref = reference.parse(name)
+            return await self.images.get(ref, deadline)
+        except TimeoutError:
+            raise Refused(ttrpc.Code.UNAVAILABLE, f"annotations of image {name} are still "
+                          "being fetched, retry") from None
+        except (ImageLookupError, reference.ReferenceError) as exc:
+            if self.config.image_annotations_on_error == "refuse":
+                raise Refused(ttrpc.Code.FAILED_PRECONDITION,
+                              f"{exc} (image_annotations_on_error: refuse)") from exc
+            log.warning("%s; ignoring image annotations (image_annotations_on_error: ignore)",
+                        exc)
+            return {}
+
+    async def _translate(
+        self, ref: reference.Reference, compiled: Compiled, deadline: float
+    ) -> compat.Translation:
+        """The policy as this runtime can carry it; memoized, computed off the event loop."""
+        key = (compiled.digest, self.caps, self.config.allow_errno_degrade)
+        fut = self._translations.get(key)
+        if fut is None:
+            assert self._executor is not None
+            fut = asyncio.get_running_loop().run_in_executor(
+                self._executor,
+                functools.partial(
+                    compat.translate,
+                    compiled.policy,
+                    self.caps,
+                    allow_errno_degrade=self.config.allow_errno_degrade,
+                    origin=compiled.origin,
+                ),
+            )
+            self._translations[key] = fut
+            while len(self._translations) > TRANSLATIONS_KEPT:
+                self._translations.popitem(last=False)
+        try:
+            return await asyncio.wait_for(
+                asyncio.shield(fut), max(deadline - time.monotonic(), 0)
+            )
+        except TimeoutError:
+            raise Refused(
+                ttrpc.Code.UNAVAILABLE,
+                f"seccomp profile {ref} is still being prepared for {self.caps.description}, "
+                "retry",
+            ) from None
+        except compat.UnsupportedByRuntime as exc:
+            raise Refused(ttrpc.Code.FAILED_PRECONDITION, f"{ref}: {exc}") from exc
+
+
+class Refused(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
