@@ -1,0 +1,91 @@
+"""Run the real plugin subprocess against a real registry, through the runtime driver."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nri_seccomp import driver
+from nri_seccomp.pb import nri_pb2
+
+
+def run(coro: Coroutine[Any, Any, Any], timeout: float = 60) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+@dataclass
+class Session:
+    conn: driver.PluginConnection
+    log: str = ""
+    exit_code: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@contextlib.asynccontextmanager
+async def plugin(
+    config: str,
+    runtime: driver.RuntimeVersion | None = None,
+    request_timeout: float = 2.0,
+) -> AsyncIterator[Session]:
+    """The plugin started as containerd starts it, configured with ``config``.
+
+    After the block the socket is closed; ``session.log`` holds the plugin's stderr
+    and ``session.exit_code`` its exit code.
+    """
+    conn = await driver.spawn_plugin(
+        driver.plugin_command(),
+        runtime=runtime or driver.RuntimeVersion.containerd("v2.3.0"),
+        config=config,
+        request_timeout=request_timeout,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    session = Session(conn)
+    try:
+        await conn.handshake()
+        await conn.synchronize()
+        yield session
+    finally:
+        assert conn.process is not None and conn.process.stderr is not None
+        stderr_task = asyncio.create_task(conn.process.stderr.read())
+        session.exit_code = await conn.wait_closed()
+        session.log = (await stderr_task).decode()
+
+
+def base_config(cache_dir: Path, registry: str, extra: str = "") -> str:
+    return f"cache_dir: {cache_dir}\nregistry: {{insecure: [{registry}]}}\n{extra}"
+
+
+def container(
+    name: str = "app",
+    profile: str | None = None,
+    annotations: dict[str, str] | None = None,
+    image: str = "",
+) -> nri_pb2.Container:
+    """A container as containerd describes it; ``profile`` is None (unset), "unconfined",
+    "runtime-default" or "localhost"."""
+    c = nri_pb2.Container(id=f"id-{name}", pod_sandbox_id="pod-id", name=name,
+                          annotations=annotations or {})
+    if image:
+        c.annotations["io.kubernetes.cri.image-name"] = image
+    if profile is not None:
+        types = nri_pb2.SecurityProfile
+        c.linux.seccomp_profile.profile_type = {
+            "unconfined": types.UNCONFINED,
+            "runtime-default": types.RUNTIME_DEFAULT,
+            "localhost": types.LOCALHOST,
+        }[profile]
+        if profile == "runtime-default":
+            # RuntimeDefault is the enum's zero: the message is present but empty
+            c.linux.seccomp_profile.SetInParent()
+        if profile == "localhost":
+            c.linux.seccomp_profile.localhost_ref = "/var/lib/kubelet/seccomp/local.json"
+    return c
+
+
+def pod(annotations: dict[str, str] | None = None) -> nri_pb2.PodSandbox:
+    return nri_pb2.PodSandbox(id="pod-id", name="pod", namespace="default", uid="uid",
+                              annotations=annotations or {})

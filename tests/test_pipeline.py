@@ -1,0 +1,189 @@
+"""The product end to end: CRI-O's scenarios against a real registry, with the plugin as a
+subprocess started the way containerd starts it."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from nri_seccomp import driver
+from nri_seccomp.pb import nri_pb2
+from nri_seccomp.resolver import KEY_V1, KEY_V2
+from nri_seccomp.testing.registry import LocalRegistry
+
+from .plugin_harness import base_config, container, plugin, pod, run
+
+PROFILE = {
+    "defaultAction": "SCMP_ACT_ERRNO",
+    "architectures": ["SCMP_ARCH_X86_64"],
+    "syscalls": [
+        {"names": ["read", "write", "exit_group"], "action": "SCMP_ACT_ALLOW"},
+        {"names": ["personality"], "action": "SCMP_ACT_ALLOW",
+         "args": [{"index": 0, "value": 8, "op": "SCMP_CMP_EQ"}]},
+        {"names": ["mkdir"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1},
+    ],
+}
+
+
+def expected_seccomp() -> nri_pb2.LinuxSeccomp:
+    """The profile above as the spec's linux.seccomp, written out by hand."""
+    want = nri_pb2.LinuxSeccomp(default_action="SCMP_ACT_ERRNO",
+                                architectures=["SCMP_ARCH_X86_64"])
+    want.syscalls.add(names=["read", "write", "exit_group"], action="SCMP_ACT_ALLOW")
+    rule = want.syscalls.add(names=["personality"], action="SCMP_ACT_ALLOW")
+    rule.args.add(index=0, value=8, op="SCMP_CMP_EQ")
+    rule = want.syscalls.add(names=["mkdir"], action="SCMP_ACT_ERRNO")
+    rule.errno_ret.value = 1
+    return want
+
+
+@pytest.fixture(scope="module")
+def artifacts(registry: LocalRegistry) -> dict[str, str]:
+    reg = registry.address
+    registry.push_profile("crio/profile", "v1", json.dumps(PROFILE).encode())
+    registry.push_image("app/bare", "1", {KEY_V1: f"{reg}/crio/profile:v1"})
+    registry.push_image("app/pod", "1", {f"{KEY_V1}/POD": f"{reg}/crio/profile:v1"})
+    registry.push_image("app/ctr", "1", {f"{KEY_V1}/app": f"{reg}/crio/profile:v1"})
+    registry.push_image("app/none", "1", {})
+    return {"profile": f"{reg}/crio/profile:v1", "image-bare": f"{reg}/app/bare:1",
+            "image-pod": f"{reg}/app/pod:1", "image-ctr": f"{reg}/app/ctr:1",
+            "wrong": f"{reg}/crio/wrong:v1"}
+
+
+SCENARIOS = [
+    # (name, pod annotations, image key, container profile, extra config, expect, log line)
+    ("image annotation, bare key", {}, "image-bare", None, "", "applied",
+     "Found image specific seccomp profile annotation: {k1}={profile}"),
+    ("image annotation KEY/POD", {}, "image-pod", None, "", "applied",
+     "Found image specific seccomp profile annotation for pod: {k1}/POD={profile}"),
+    ("image annotation KEY/<container>", {}, "image-ctr", None, "", "applied",
+     "Found image specific seccomp profile annotation for container app: {k1}/app={profile}"),
+    ("annotation not allowed by the configuration", {}, "image-bare", None,
+     "image_annotations: false\n", "null", None),
+    ("image annotation, container Unconfined", {}, "image-bare", "unconfined", "", "applied",
+     "Found image specific seccomp profile annotation: {k1}={profile}"),
+    ("image annotation, container RuntimeDefault", {}, "image-bare", "runtime-default", "",
+     "null", "RuntimeDefault seccomp profile wins over annotations"),
+    ("image annotation, container Localhost", {}, "image-bare", "localhost", "", "null",
+     "Localhost seccomp profile /var/lib/kubelet/seccomp/local.json wins"),
+    ("pod annotation KEY/POD", {"{k1}/POD": "{profile}"}, "", None, "", "applied",
+     "Found pod specific seccomp profile annotation: {k1}/POD={profile}"),
+    ("pod annotation KEY/<container>", {"{k2}/app": "{profile}"}, "", None, "", "applied",
+     "Found container specific seccomp profile annotation: {k2}/app={profile}"),
+    ("pod annotation for another container", {"{k1}/other": "{profile}"}, "", None, "",
+     "null", None),
+    ("pod annotation to a missing artifact", {"{k1}/POD": "{wrong}"}, "", None, "", "fails",
+     "try to pull OCI artifact seccomp profile: pull OCI artifact: {wrong}: not found"),
+]
+
+
+@pytest.mark.parametrize(("pod_ann", "image", "profile", "extra", "expect", "line"),
+                         [s[1:] for s in SCENARIOS], ids=[s[0] for s in SCENARIOS])
+def test_crio_scenarios(registry: LocalRegistry, artifacts: dict[str, str], tmp_path: Path,
+                        pod_ann: dict[str, str], image: str, profile: str | None, extra: str,
+                        expect: str, line: str | None) -> None:
+    fmt = {"k1": KEY_V1, "k2": KEY_V2, **{k.replace("-", "_"): v for k, v in artifacts.items()}}
+    fmt["profile"] = artifacts["profile"]
+    fmt["wrong"] = artifacts["wrong"]
+    annotations = {k.format(**fmt): v.format(**fmt) for k, v in pod_ann.items()}
+
+    async def scenario() -> tuple[driver.CreateResult, str]:
+        config = base_config(tmp_path / "cache", registry.address, extra)
+        async with plugin(config) as session:
+            result = await session.conn.create_container(
+                pod(annotations), container("app", profile, image=artifacts.get(image, "")))
+        assert session.exit_code == 0
+        return result, session.log
+
+    result, log = run(scenario())
+    assert result.fatal is None and result.crashed is None
+    if expect == "applied":
+        assert result.error is None, result.error
+        assert result.seccomp == expected_seccomp()
+    elif expect == "null":
+        assert result.error is None, result.error
+        assert result.seccomp is None
+    else:
+        assert result.error is not None and result.seccomp is None
+    if line is not None:
+        text = line.format(**fmt)
+        assert text in (result.error.message if result.error else log), log
+    else:
+        assert "seccomp profile annotation" not in log
+
+
+MALFORMED = [
+    ("not JSON", b"this is not json", "layer is not JSON"),
+    ("JSON but not a profile", b'["a", "b"]', "profile must be a JSON object"),
+    ("no default action", b"{}", "defaultAction"),
+    ("unknown action", json.dumps({"defaultAction": "SCMP_ACT_FOO"}).encode(),
+     "SCMP_ACT_FOO"),
+    ("unknown syscall", json.dumps({"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [
+        {"names": ["opne"], "action": "SCMP_ACT_ALLOW"}]}).encode(), "'opne'"),
+    ("bad arg op", json.dumps({"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [
+        {"names": ["read"], "action": "SCMP_ACT_ALLOW",
+         "args": [{"index": 0, "value": 1, "op": "SCMP_CMP_LIKE"}]}]}).encode(),
+     "SCMP_CMP_LIKE"),
+    ("over 1 MiB", b"{" + b" " * (1024 * 1024) + b"}",
+     "exceeded maximum allowed artifact size of 1048576 bytes"),
+]
+
+
+@pytest.mark.parametrize(("data", "message"), [m[1:] for m in MALFORMED],
+                         ids=[m[0] for m in MALFORMED])
+def test_malformed_layers_fail_creation_and_are_not_cached(
+        registry: LocalRegistry, tmp_path: Path, data: bytes, message: str) -> None:
+    repo = "bad/" + message.strip("'").lower().replace(" ", "-")[:20].strip("-.")
+    registry.push_profile(repo, "v1", data)
+    ref = f"{registry.address}/{repo}:v1"
+
+    async def scenario() -> driver.CreateResult:
+        async with plugin(base_config(tmp_path / "cache", registry.address)) as session:
+            return await session.conn.create_container(pod({f"{KEY_V1}/POD": ref}), container())
+
+    result = run(scenario())
+    assert result.error is not None, result
+    assert message in result.error.message
+    assert ref in result.error.message
+    blobs = list((tmp_path / "cache" / "blobs" / "sha256").iterdir())
+    assert blobs == []
+    index = tmp_path / "cache" / "index.json"
+    assert not index.exists() or ref not in index.read_text()
+
+
+def test_restart_serves_from_disk_with_registry_stopped(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    with LocalRegistry() as reg:
+        digest = reg.push_profile("warm/p", "v1", json.dumps(PROFILE).encode())
+        tag_ref, digest_ref = f"{reg.address}/warm/p:v1", f"{reg.address}/warm/p@{digest}"
+        reg.push_profile("cold/p", "v1", json.dumps(PROFILE).encode())
+        cold_ref = f"{reg.address}/cold/p:v1"
+        config = base_config(cache, reg.address)
+
+        async def warm() -> None:
+            async with plugin(config) as session:
+                for ref in (tag_ref, digest_ref):
+                    r = await session.conn.create_container(pod({f"{KEY_V1}/POD": ref}),
+                                                            container())
+                    assert r.seccomp == expected_seccomp(), r
+
+        run(warm())
+    # the registry is gone; a new plugin process serves what the old one cached
+
+    async def offline() -> list[driver.CreateResult]:
+        async with plugin(config) as session:
+            return [await session.conn.create_container(pod({f"{KEY_V1}/POD": ref}),
+                                                        container())
+                    for ref in (tag_ref, digest_ref, cold_ref)]
+
+    t0 = time.monotonic()
+    tag, dig, cold = run(offline())
+    assert tag.seccomp == expected_seccomp()
+    assert dig.seccomp == expected_seccomp()
+    assert cold.error is not None and cold.seccomp is None
+    assert f"{cold_ref}: cannot reach" in cold.error.message
+    assert cold.latency < 1.75
+    assert time.monotonic() - t0 < 10
