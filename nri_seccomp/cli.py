@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -48,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         plugin = SeccompPlugin(config_path=args.config)
     socket_path = args.socket or (stub.DEFAULT_SOCKET_PATH if args.external else None)
     try:
-        return stub.run_plugin(
+        code = stub.run_plugin(
             plugin,
             argv=[sys.argv[0]],
             name=args.name or ("seccomp-oci" if socket_path else None),
@@ -57,4 +58,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except stub.StubError as exc:
         logging.getLogger("nri_seccomp").error("%s", exc)
-        return 1
+        code = 1
+    # The runtime is gone: fetches still running in worker threads serve nobody, and
+    # the interpreter would wait for them at exit. Cache writes are atomic, so
+    # leaving now loses nothing.
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(code)

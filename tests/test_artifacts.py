@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import crypt
 import json
 import subprocess
 import time
@@ -143,6 +142,8 @@ def test_allow_list_refuses_before_any_request(registry: LocalRegistry) -> None:
 def auth_registry(tmp_path_factory: pytest.TempPathFactory) -> LocalRegistry:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
+        import crypt  # bcrypt, as docker-registry's htpasswd wants; stdlib up to 3.12
+
         hashed = crypt.crypt("s3cret", crypt.mksalt(crypt.METHOD_BLOWFISH))
     reg = LocalRegistry(htpasswd=f"alice:{hashed}\n").start()
     reg.auth = ("alice", "s3cret")
