@@ -75,6 +75,10 @@ class CreateResult:
     fatal: str | None = None
     #: the emulated runtime would have crashed applying this answer.
     crashed: str | None = None
+    #: the linux.seccomp the emulated runtime would put in the spec
+    applied: nri_pb2.LinuxSeccomp | None = None
+    #: the emulated runtime silently dropped the seccomp adjustment
+    dropped: bool = False
 
     @property
     def seccomp(self) -> nri_pb2.LinuxSeccomp | None:
@@ -83,10 +87,10 @@ class CreateResult:
         return self.response.adjust.linux.seccomp_policy
 
 
-def effective_seccomp(
+def applied_policy(
     runtime: RuntimeVersion, policy: nri_pb2.LinuxSeccomp
-) -> dict[str, Any]:
-    """The spec's linux.seccomp (OCI JSON names) as the emulated runtime would write it."""
+) -> nri_pb2.LinuxSeccomp:
+    """What the emulated runtime puts in the spec for this adjustment (or how it crashes)."""
     if runtime.crashes_on_errno_ret:
         for i, rule in enumerate(policy.syscalls):
             if rule.HasField("errno_ret"):
@@ -94,8 +98,20 @@ def effective_seccomp(
                     f"runtime panic: nil pointer dereference in api.ToOCILinuxSyscalls "
                     f"(syscalls[{i}] {list(rule.names)} has errno_ret)"
                 )
+    out = nri_pb2.LinuxSeccomp()
+    out.CopyFrom(policy)
+    if runtime.drops_default_errno:
+        out.ClearField("default_errno")
+    return out
+
+
+def effective_seccomp(
+    runtime: RuntimeVersion, policy: nri_pb2.LinuxSeccomp
+) -> dict[str, Any]:
+    """The spec's linux.seccomp (OCI JSON names) as the emulated runtime would write it."""
+    policy = applied_policy(runtime, policy)
     out: dict[str, Any] = {"defaultAction": policy.default_action}
-    if policy.HasField("default_errno") and not runtime.drops_default_errno:
+    if policy.HasField("default_errno"):
         out["defaultErrnoRet"] = policy.default_errno.value
     if policy.architectures:
         out["architectures"] = list(policy.architectures)
@@ -264,9 +280,12 @@ class PluginConnection:
             latency=time.perf_counter() - start,
             response=nri_pb2.CreateContainerResponse.FromString(raw),
         )
-        if result.seccomp is not None:
+        if result.seccomp is not None and not self.runtime.applies_seccomp:
+            # containerd < 2.2 does not know the field: the container runs unconfined
+            result.dropped = True
+        elif result.seccomp is not None:
             try:
-                effective_seccomp(self.runtime, result.seccomp)
+                result.applied = applied_policy(self.runtime, result.seccomp)
             except DriverError as exc:
                 result.crashed = str(exc)
         return result

@@ -1,0 +1,103 @@
+"""Issue 6: per declared containerd, each profile is applied with exactly its errno semantics
+or refused with the specific reason; never an adjustment the runtime would crash on.
+
+The runtime driver emulates each release (2.2.x panics on errno_ret, every NRI drops
+default_errno); exactness is checked by compiling the original profile and what the
+emulated runtime would apply with libseccomp and comparing every syscall on every
+architecture."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nri_seccomp import compat, driver, profile
+from nri_seccomp.resolver import KEY_V1
+from nri_seccomp.testing.registry import LocalRegistry
+
+from .plugin_harness import base_config, container, plugin, pod, run
+from .test_profile import CRIO_BLOG, debian_profile  # noqa: F401 (fixture)
+
+ALL_EPERM: dict[str, Any] = {
+    "defaultAction": "SCMP_ACT_ERRNO",
+    "defaultErrnoRet": 1,
+    "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86"],
+    "syscalls": [
+        {"names": ["read", "write", "exit_group", "futex"], "action": "SCMP_ACT_ALLOW"},
+        {"names": ["mkdir", "chmod"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1},
+    ],
+}
+
+# (runtime, profile, config, expected: "exact" or the refusal's specific words)
+CASES = [
+    ("v1.7.27", "eperm", "", "does not apply seccomp adjustments from NRI plugins"),
+    ("v2.1.4", "blog", "", "does not apply seccomp adjustments from NRI plugins"),
+    ("v2.2.4", "blog", "", "defaultErrnoRet 38 (ENOSYS) cannot be kept on containerd v2.2.4"),
+    ("v2.3.0", "blog", "", "exact"),
+    ("v2.2.4", "debian", "", "cannot be kept on containerd v2.2.4"),
+    ("v2.3.0", "debian", "", "personality"),
+    ("v2.2.4", "eperm", "", "exact"),
+    ("v2.3.0", "eperm", "", "exact"),
+]
+
+
+@pytest.fixture(scope="module")
+def pushed(registry: LocalRegistry, debian_profile: bytes) -> dict[str, tuple[str, bytes]]:  # noqa: F811
+    out = {}
+    for name, data in (("blog", json.dumps(CRIO_BLOG).encode()), ("debian", debian_profile),
+                       ("eperm", json.dumps(ALL_EPERM).encode())):
+        registry.push_profile(f"compat/{name}", "v1", data)
+        out[name] = (f"{registry.address}/compat/{name}:v1", data)
+    return out
+
+
+@pytest.mark.parametrize(("version", "name", "extra", "expected"), CASES,
+                         ids=[f"{c[0]}-{c[1]}" for c in CASES])
+def test_runtime_gets_exact_meaning_or_refusal(
+        registry: LocalRegistry, pushed: dict[str, tuple[str, bytes]], tmp_path: Path,
+        version: str, name: str, extra: str, expected: str) -> None:
+    ref, data = pushed[name]
+    runtime = driver.RuntimeVersion.containerd(version)
+
+    async def scenario() -> driver.CreateResult:
+        config = base_config(tmp_path / "cache", registry.address, extra)
+        async with plugin(config, runtime=runtime) as session:
+            return await session.conn.create_container(pod({f"{KEY_V1}/POD": ref}),
+                                                       container())
+
+    result = run(scenario(), timeout=120)
+    assert result.crashed is None, result.crashed
+    assert result.fatal is None and not result.dropped
+    if expected == "exact":
+        assert result.error is None, result.error
+        assert result.applied is not None
+        original = profile.prepare(data, profile.node_context()).policy
+        assert compat.differences(original, result.applied) == []
+    else:
+        assert result.error is not None, "expected a refusal"
+        assert expected in result.error.message
+        assert result.seccomp is None
+
+
+def test_degrade_switch_applies_eperm_with_a_warning(
+        registry: LocalRegistry, pushed: dict[str, tuple[str, bytes]], tmp_path: Path) -> None:
+    ref, data = pushed["debian"]
+
+    async def scenario() -> tuple[driver.CreateResult, str]:
+        config = base_config(tmp_path / "cache", registry.address, "allow_errno_degrade: true\n")
+        async with plugin(config, runtime=driver.RuntimeVersion.containerd("v2.2.4")) as s:
+            result = await s.conn.create_container(pod({f"{KEY_V1}/POD": ref}), container())
+        return result, s.log
+
+    result, log = run(scenario(), timeout=120)
+    assert result.crashed is None and result.error is None
+    assert result.applied is not None
+    assert all(not rule.HasField("errno_ret") for rule in result.applied.syscalls)
+    assert "degraded to EPERM (allow_errno_degrade)" in log
+    original = profile.prepare(data, profile.node_context()).policy
+    diffs = compat.differences(original, result.applied)
+    assert diffs, "degrading must change something for Debian's profile"
+    assert all("SCMP_ACT_ERRNO(1)" in d.split("→")[1] for d in diffs)
