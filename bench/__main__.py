@@ -1,0 +1,275 @@
+"""``make bench``: the plugin's costs next to a baseline measured in the same run.
+
+Every figure comes from the real plugin subprocess driven through the project's
+runtime driver, over the same socketpair containerd would use. The baseline is
+the same transport answering an empty adjustment (``nri-seccomp --empty``), so a
+ratio shows what the seccomp work costs on this machine, whatever its noise.
+Prints one table and writes it as JSON (bench/results.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from nri_seccomp import driver
+from nri_seccomp.pb import nri_pb2
+from nri_seccomp.resolver import KEY_V1
+from nri_seccomp.testing.registry import LocalRegistry
+
+from .profiles import debian_default_profile, large_profile, small_profile
+
+RESULTS = Path(__file__).resolve().parent / "results.json"
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    s = sorted(samples)
+
+    def pick(q: float) -> float:
+        return s[min(len(s) - 1, int(q * len(s)))] * 1000
+
+    return {
+        "n": len(s),
+        "p50_ms": pick(0.50),
+        "p90_ms": pick(0.90),
+        "p99_ms": pick(0.99),
+        "max_ms": s[-1] * 1000,
+        "mean_ms": statistics.fmean(s) * 1000,
+    }
+
+
+def pod_for(ref: str | None, i: int = 0) -> tuple[nri_pb2.PodSandbox, nri_pb2.Container]:
+    annotations = {f"{KEY_V1}/POD": ref} if ref else {}
+    pod = nri_pb2.PodSandbox(id=f"pod-{i}", name=f"pod-{i}", namespace="bench",
+                             annotations=annotations)
+    container = nri_pb2.Container(id=f"c-{i}", pod_sandbox_id=pod.id, name="app")
+    return pod, container
+
+
+LOG = Path(tempfile.gettempdir()) / "nri-seccomp-bench-plugin.log"
+
+
+async def start(args: list[str], config: str = "") -> driver.PluginConnection:
+    # the plugin logs one line per decision, as in production; keep it off the table
+    with LOG.open("ab") as log:
+        conn = await driver.spawn_plugin(
+            driver.plugin_command(*args), config=config, request_timeout=10.0,
+            registration_timeout=10.0, stderr=log.fileno(),
+        )
+    await conn.handshake()
+    await conn.synchronize()
+    return conn
+
+
+async def sequential(
+    conn: driver.PluginConnection, n: int, make: Callable[[int], tuple[Any, Any]],
+    expect_seccomp: bool, warmup: int = 0,
+) -> list[float]:
+    for i in range(warmup):
+        pod, container = make(i)
+        await conn.create_container(pod, container)
+    samples = []
+    for i in range(n):
+        pod, container = make(i)
+        result = await conn.create_container(pod, container)
+        if result.error or result.fatal or ((result.seccomp is not None) != expect_seccomp):
+            raise SystemExit(f"bench: unexpected answer at request {i}: {result}")
+        samples.append(result.latency)
+    return samples
+
+
+async def throughput(conn: driver.PluginConnection, senders: int, total: int,
+                     make: Callable[[int], tuple[Any, Any]]) -> float:
+    counter = iter(range(total))
+
+    async def sender() -> None:
+        for i in counter:
+            pod, container = make(i)
+            result = await conn.create_container(pod, container)
+            if result.error or result.fatal:
+                raise SystemExit(f"bench: failed under load: {result}")
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(sender() for _ in range(senders)))
+    return total / (time.perf_counter() - t0)
+
+
+def rss_kib(pid: int) -> tuple[int, int]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0])
+    return fields["VmRSS"], fields["VmHWM"]
+
+
+async def startup(args: list[str], rounds: int) -> dict[str, float]:
+    reg, conf = [], []
+    for _ in range(rounds):
+        with LOG.open("ab") as log:
+            conn = await driver.spawn_plugin(driver.plugin_command(*args),
+                                             registration_timeout=10, stderr=log.fileno())
+        await conn.handshake()
+        reg.append(conn.timings.registered - conn.timings.spawned)
+        conf.append(conn.timings.configured - conn.timings.spawned)
+        await conn.wait_closed()
+    return {"registered_ms": statistics.median(reg) * 1000,
+            "configured_ms": statistics.median(conf) * 1000}
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    n = args.requests
+    out: dict[str, Any] = {"requests": n, "python": sys.version.split()[0],
+                           "cpus": os.cpu_count()}
+    with tempfile.TemporaryDirectory(prefix="nri-seccomp-bench-") as tmp, LocalRegistry() as reg:
+        small = reg.push_profile("bench/small", "v1", small_profile(0))
+        debian = debian_default_profile()
+        reg.push_profile("bench/debian", "v1", debian)
+        big = large_profile()
+        reg.push_profile("bench/large", "v1", big)
+        del small
+        # Debian's profile needs allow_errno_degrade on every containerd (see README)
+        config = (f"cache_dir: {tmp}/cache\nallow_errno_degrade: true\n"
+                  f"registry: {{insecure: [{reg.address}]}}\n")
+        base = f"{reg.address}/bench"
+
+        # ---- start-up ------------------------------------------------------
+        out["startup"] = {
+            "baseline": await startup(["--empty"], args.startup_rounds),
+            "plugin": await startup([], args.startup_rounds),
+        }
+
+        # ---- round trips -----------------------------------------------------
+        latency: dict[str, dict[str, float]] = {}
+        baseline = await start(["--empty"])
+        latency["baseline (empty adjustment)"] = percentiles(
+            await sequential(baseline, n, lambda i: pod_for(None, i), False, warmup=n // 4))
+        tput_base = {s: await throughput(baseline, s, n, lambda i: pod_for(None, i))
+                     for s in (1, 8, 64)}
+        await baseline.wait_closed()
+
+        conn = await start([], config)
+        latency["unannotated"] = percentiles(
+            await sequential(conn, n, lambda i: pod_for(None, i), False, warmup=n // 4))
+        for name, ref in (("annotated, cached", f"{base}/small:v1"),
+                          ("Debian default (cached)", f"{base}/debian:v1"),
+                          ("1 MiB profile (cached)", f"{base}/large:v1")):
+            latency[name] = percentiles(
+                await sequential(conn, n, lambda i, r=ref: pod_for(r, i), True, warmup=n // 4))
+        tput = {s: await throughput(conn, s, n, lambda i: pod_for(f"{base}/small:v1", i))
+                for s in (1, 8, 64)}
+
+        # cold: a new reference each time, pushed beforehand
+        cold_n = args.cold
+        for i in range(cold_n):
+            reg.push_profile("bench/cold", f"t{i}", small_profile(i + 1))
+        latency["cold fetch + compile"] = percentiles(
+            await sequential(conn, cold_n, lambda i: pod_for(f"{base}/cold:t{i}", i), True))
+        await conn.wait_closed()
+        out["latency"] = latency
+        out["throughput_rps"] = {"baseline": tput_base, "annotated, cached": tput}
+
+        # ---- memory ----------------------------------------------------------
+        conn = await start([], config)
+        assert conn.process is not None
+        distinct = 100
+        for i in range(distinct):
+            reg.push_profile("bench/mem", f"t{i}", small_profile(10_000 + i))
+        samples = []
+        total = args.memory_requests
+        for i in range(total):
+            pod, container = pod_for(f"{base}/mem:t{i % distinct}", i)
+            result = await conn.create_container(pod, container)
+            if result.seccomp is None:
+                raise SystemExit(f"bench: memory run failed at {i}: {result}")
+            if (i + 1) % (total // 10) == 0:
+                samples.append((i + 1, *rss_kib(conn.process.pid)))
+        await conn.wait_closed()
+        out["memory"] = {
+            "rss_mib_by_requests": {str(k): round(r / 1024, 1) for k, r, _ in samples},
+            "peak_rss_mib": round(max(h for _, _, h in samples) / 1024, 1),
+            "growth_after_first_10pct_mib": round((samples[-1][1] - samples[0][1]) / 1024, 1),
+        }
+
+        # ---- compile check per profile size ------------------------------------
+        out["compile"] = compile_times()
+    return out
+
+
+def compile_times() -> dict[str, dict[str, float]]:
+    from nri_seccomp import profile
+
+    node = profile.node_context()
+    result = {}
+    for name, data in (("small", small_profile(0)), ("Debian default", debian_default_profile()),
+                       ("1 MiB", large_profile())):
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            policy = profile.to_nri(profile.for_node(profile.parse(data), node))
+            profile.compile_check(policy)
+            times.append(time.perf_counter() - t0)
+        result[name] = {"bytes": len(data), "median_ms": statistics.median(times) * 1000}
+    return result
+
+
+def table(out: dict[str, Any]) -> str:
+    lines = []
+    lat = out["latency"]
+    base = lat["baseline (empty adjustment)"]
+    lines.append(f"CreateContainer round trip ({out['requests']} requests each; ratio = p99 / "
+                 "baseline p99)")
+    lines.append(f"{'case':32} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8} "
+                 f"{'x base':>7}")
+    for name, p in lat.items():
+        lines.append(f"{name:32} {p['p50_ms']:8.3f} {p['p90_ms']:8.3f} {p['p99_ms']:8.3f} "
+                     f"{p['max_ms']:8.2f} {p['p99_ms'] / base['p99_ms']:7.2f}")
+    lines.append("")
+    lines.append("Throughput (requests/s)    senders:      1        8       64")
+    for name, t in out["throughput_rps"].items():
+        lines.append(f"{name:40} {t[1]:8.0f} {t[8]:8.0f} {t[64]:8.0f}")
+    lines.append("")
+    su = out["startup"]
+    lines.append("Start-up (median)               registered ms   configured ms   x base")
+    for name, s in su.items():
+        lines.append(f"{name:32} {s['registered_ms']:13.1f} {s['configured_ms']:15.1f} "
+                     f"{s['registered_ms'] / su['baseline']['registered_ms']:8.2f}")
+    lines.append("")
+    m = out["memory"]
+    lines.append(f"Memory over {sum(1 for _ in m['rss_mib_by_requests'])} samples: RSS MiB "
+                 f"{m['rss_mib_by_requests']}; peak {m['peak_rss_mib']} MiB; growth after the "
+                 f"first 10%: {m['growth_after_first_10pct_mib']} MiB")
+    lines.append("")
+    lines.append("Compile check (parse + node + libseccomp BPF), median of 5")
+    for name, c in out["compile"].items():
+        lines.append(f"{name:20} {c['bytes']:9d} bytes {c['median_ms']:9.2f} ms")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="make bench")
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--cold", type=int, default=2000)
+    parser.add_argument("--memory-requests", type=int, default=10_000)
+    parser.add_argument("--startup-rounds", type=int, default=10)
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    out = asyncio.run(run(args))
+    text = table(out)
+    print(text)
+    args.output.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"\n(written to {args.output})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

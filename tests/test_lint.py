@@ -1,0 +1,21 @@
+"""The code stays ruff- and mypy-clean (strict), as the project promises."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_ruff() -> None:
+    proc = subprocess.run([sys.executable, "-m", "ruff", "check", "nri_seccomp", "tests",
+                           "bench"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_mypy_strict() -> None:
+    proc = subprocess.run([sys.executable, "-m", "mypy", "nri_seccomp"], cwd=REPO,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
