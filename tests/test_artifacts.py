@@ -209,3 +209,25 @@ def test_redirect_to_other_host_drops_credentials(tmp_path: Path) -> None:
         assert art.data == target.profile
         assert target.seen("/blobs/"), "the blob was not fetched from the other host"
         assert all("authorization" not in h for h in target.seen("/blobs/"))
+
+
+def _self_signed(tmp: Path) -> tuple[Path, Path]:
+    cert, key = tmp / "cert.pem", tmp / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True)
+    return cert, key
+
+
+def test_tls_verified_by_default(tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path)
+    with LocalRegistry(tls=(cert, key)) as reg:
+        reg.push_profile("tls/p", "v1", PROFILE)
+        ref = parse(f"{reg.address}/tls/p:v1")
+        # an unknown CA is refused: verification is on unless configured otherwise
+        with pytest.raises(artifacts.RegistryUnavailable, match="TLS error"):
+            fetcher().fetch(ref)
+        assert fetcher(ca_file=str(cert)).fetch(ref).data == PROFILE
+        assert fetcher(tls_verify=False).fetch(ref).data == PROFILE

@@ -46,13 +46,16 @@ class RegistryError(Exception):
 
 class LocalRegistry:
     def __init__(self, htpasswd: str | None = None, port: int | None = None,
-                 root: Path | None = None) -> None:
+                 root: Path | None = None, tls: tuple[Path, Path] | None = None) -> None:
         self._tmp = Path(tempfile.mkdtemp(prefix="nri-seccomp-registry-"))
         self.root = root or self._tmp / "data"
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log_path = self._tmp / "access.log"
         self._htpasswd = htpasswd
+        #: (certificate, key): serve HTTPS
+        self.tls = tls
+        self.scheme = "https" if tls else "http"
         self._proc: subprocess.Popen[bytes] | None = None
         self.auth: tuple[str, str] | None = None
 
@@ -70,7 +73,9 @@ class LocalRegistry:
         config.write_text(
             "version: 0.1\n"
             f"storage: {{filesystem: {{rootdirectory: {self.root}}}, delete: {{enabled: true}}}}\n"
-            f"http: {{addr: {self.address}}}\n"
+            f"http: {{addr: {self.address}"
+            + (f", tls: {{certificate: {self.tls[0]}, key: {self.tls[1]}}}" if self.tls else "")
+            + "}\n"
             "log: {level: error, accesslog: {disabled: false}}\n" + auth
         )
         log = open(self.log_path, "ab")  # noqa: SIM115 (owned by the process)
@@ -82,7 +87,8 @@ class LocalRegistry:
             if self._proc.poll() is not None:
                 raise RegistryError(f"{BINARY} exited: {self.log_path.read_text()[-2000:]}")
             try:
-                r = requests.get(f"http://{self.address}/v2/", timeout=0.5)
+                r = requests.get(f"{self.scheme}://{self.address}/v2/", timeout=0.5,
+                                 verify=False)
                 if r.status_code in (200, 401):
                     return self
             except requests.RequestException:
@@ -122,20 +128,26 @@ class LocalRegistry:
 
     # ---- pushing ---------------------------------------------------------------
 
+    @property
+    def _verify(self) -> str | bool:
+        return str(self.tls[0]) if self.tls else True
+
     def _url(self, path: str) -> str:
-        return f"http://{self.address}/v2/{path}"
+        return f"{self.scheme}://{self.address}/v2/{path}"
 
     def push_blob(self, repo: str, data: bytes) -> str:
         digest = digest_of(data)
-        r = requests.post(self._url(f"{repo}/blobs/uploads/"), auth=self.auth, timeout=10)
+        r = requests.post(self._url(f"{repo}/blobs/uploads/"), auth=self.auth, timeout=10,
+                          verify=self._verify)
         if r.status_code != 202:
             raise RegistryError(f"upload start: HTTP {r.status_code} {r.text[:200]}")
         location = r.headers["Location"]
         if location.startswith("/"):
-            location = f"http://{self.address}{location}"
+            location = f"{self.scheme}://{self.address}{location}"
         sep = "&" if "?" in location else "?"
         r = requests.put(f"{location}{sep}digest={digest}", data=data, auth=self.auth,
-                         headers={"Content-Type": "application/octet-stream"}, timeout=10)
+                         headers={"Content-Type": "application/octet-stream"}, timeout=10,
+                         verify=self._verify)
         if r.status_code != 201:
             raise RegistryError(f"upload: HTTP {r.status_code} {r.text[:200]}")
         return digest
@@ -144,7 +156,8 @@ class LocalRegistry:
                       media_type: str = OCI_MANIFEST) -> str:
         body = manifest if isinstance(manifest, bytes) else json.dumps(manifest).encode()
         r = requests.put(self._url(f"{repo}/manifests/{tag}"), data=body, auth=self.auth,
-                         headers={"Content-Type": media_type}, timeout=10)
+                         headers={"Content-Type": media_type}, timeout=10,
+                         verify=self._verify)
         if r.status_code != 201:
             raise RegistryError(f"manifest: HTTP {r.status_code} {r.text[:300]}")
         return digest_of(body)
