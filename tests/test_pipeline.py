@@ -3,6 +3,7 @@ subprocess started the way containerd starts it."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -187,3 +188,17 @@ def test_restart_serves_from_disk_with_registry_stopped(tmp_path: Path) -> None:
     assert f"{cold_ref}: cannot reach" in cold.error.message
     assert cold.latency < 1.75
     assert time.monotonic() - t0 < 10
+
+
+def test_bad_configuration_is_refused_at_configure(tmp_path: Path) -> None:
+    async def scenario() -> str:
+        conn = await driver.spawn_plugin(driver.plugin_command(), stderr=asyncio.subprocess.PIPE)
+        with pytest.raises(driver.DriverError) as info:
+            await conn.handshake("registry: {timout: 1}\n")
+        assert conn.closed is not None
+        await conn.wait_closed()
+        return str(info.value)
+
+    message = run(scenario())
+    assert "unknown configuration key 'registry.timout' (did you mean 'registry.timeout'?)" in (
+        message)
