@@ -61,6 +61,8 @@ class Config:
     image_annotations: bool = True
     #: when image annotations cannot be read: "ignore" (warn) or "refuse"
     image_annotations_on_error: str = "ignore"
+    #: accept profiles with listenerPath / SCMP_ACT_NOTIFY (a host socket runc connects to)
+    allow_listener: bool = False
     #: force runtime capabilities (a distribution that backported a fix)
     runtime_overrides: Mapping[str, bool] = field(default_factory=dict)
     #: concurrent registry fetches

@@ -195,6 +195,9 @@ class SeccompPlugin:
             ) from exc
         except ProfileRejected as exc:
             raise Refused(ttrpc.Code.FAILED_PRECONDITION, f"{ref}: {exc}") from exc
+        refusal = policy.profile_refusal(ready.compiled.policy, self.config.allow_listener)
+        if refusal is not None:
+            raise Refused(ttrpc.Code.PERMISSION_DENIED, f"{ref}: {refusal}")
         translation = await self._translate(ref, ready.compiled, deadline)
         for warning in translation.warnings:
             log.warning("container %s/%s: %s", pod.name, container.name, warning)

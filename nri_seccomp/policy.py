@@ -52,3 +52,23 @@ def eligibility(
     if profile.profile_type == _TYPES.RUNTIME_DEFAULT:
         return Decision(False, False, "RuntimeDefault seccomp profile wins over annotations")
     return Decision(False, True, f"unknown seccomp profile type {profile.profile_type}")
+
+
+def profile_refusal(seccomp: nri_pb2.LinuxSeccomp, allow_listener: bool = False) -> str | None:
+    """Why a profile from a registry must not be applied, or None.
+
+    A seccomp listener makes runc connect to ``listenerPath`` on the host and hand
+    it the container's notification fd: a pod author must not choose that socket.
+    """
+    if allow_listener:
+        return None
+    if seccomp.listener_path:
+        return (f"profile sets listenerPath {seccomp.listener_path!r}: a seccomp agent socket "
+                "on the host is chosen by the administrator (allow_listener: true), not by a "
+                "pod annotation")
+    notify = [name for rule in seccomp.syscalls if rule.action == "SCMP_ACT_NOTIFY"
+              for name in rule.names]
+    if notify or seccomp.default_action == "SCMP_ACT_NOTIFY":
+        return (f"profile uses SCMP_ACT_NOTIFY ({', '.join(notify[:5]) or 'default action'}): "
+                "refused unless allow_listener: true")
+    return None

@@ -202,3 +202,26 @@ def test_bad_configuration_is_refused_at_configure(tmp_path: Path) -> None:
     message = run(scenario())
     assert "unknown configuration key 'registry.timout' (did you mean 'registry.timeout'?)" in (
         message)
+
+
+@pytest.mark.parametrize(("extra", "refused"), [("", True), ("allow_listener: true\n", False)])
+def test_listener_profiles_need_the_administrator(registry: LocalRegistry, tmp_path: Path,
+                                                  extra: str, refused: bool) -> None:
+    data = json.dumps({"defaultAction": "SCMP_ACT_ALLOW",
+                       "listenerPath": "/run/containerd/containerd.sock",
+                       "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_NOTIFY"}]}).encode()
+    registry.push_profile("listener/p", "v1", data)
+    ref = f"{registry.address}/listener/p:v1"
+
+    async def scenario() -> driver.CreateResult:
+        async with plugin(base_config(tmp_path / "c", registry.address, extra)) as session:
+            return await session.conn.create_container(pod({f"{KEY_V1}/POD": ref}), container())
+
+    result = run(scenario())
+    if refused:
+        assert result.error is not None and result.seccomp is None
+        assert ("profile sets listenerPath '/run/containerd/containerd.sock': a seccomp agent "
+                "socket on the host is chosen by the administrator") in result.error.message
+    else:
+        assert result.seccomp is not None
+        assert result.seccomp.listener_path == "/run/containerd/containerd.sock"

@@ -165,3 +165,16 @@ def test_eligibility(version: str, kind: str | None, unknown: str, outcome: str,
 def test_no_linux_section_is_unset() -> None:
     d = policy.eligibility(None, runtimes.capabilities("containerd", "v2.3.0"))
     assert d.eligible
+
+
+def test_profile_refusal_of_listeners() -> None:
+    plain = nri_pb2.LinuxSeccomp(default_action="SCMP_ACT_ERRNO")
+    plain.syscalls.add(names=["read"], action="SCMP_ACT_ALLOW")
+    assert policy.profile_refusal(plain) is None
+    notify = nri_pb2.LinuxSeccomp(default_action="SCMP_ACT_ALLOW")
+    notify.syscalls.add(names=["mkdir", "mount"], action="SCMP_ACT_NOTIFY")
+    reason = policy.profile_refusal(notify)
+    assert reason is not None and "SCMP_ACT_NOTIFY (mkdir, mount)" in reason
+    assert policy.profile_refusal(notify, allow_listener=True) is None
+    path = nri_pb2.LinuxSeccomp(default_action="SCMP_ACT_ALLOW", listener_path="/x.sock")
+    assert "listenerPath '/x.sock'" in (policy.profile_refusal(path) or "")
