@@ -304,3 +304,52 @@ def test_fuzz_profile_parser_bytes(data: bytes) -> None:
         profile.prepare(data, profile.node_context())
 
 
+
+
+def test_plugin_killed_mid_fetch_never_leaves_a_partial_cache(registry: LocalRegistry,
+                                                               tmp_path: Path) -> None:
+    """SIGKILL the real plugin at random moments while it fetches and caches large
+    profiles; every restart must find only whole, verified files."""
+    import random
+
+    from nri_seccomp.cache import Cache
+
+    rng = random.Random(42)
+    cache = tmp_path / "cache"
+    big = json.loads(PROFILE)
+    big["syscalls"][0]["comment"] = "x" * 900_000
+    refs = []
+    for i in range(8):
+        big["syscalls"][0]["names"] = ["read", "write"][: 1 + i % 2]
+        big["syscalls"][0]["comment"] = str(i) * 900_000
+        registry.push_profile(f"kill/p{i}", "v1", json.dumps(big).encode())
+        refs.append(f"{registry.address}/kill/p{i}:v1")
+    config = base_config(cache, registry.address)
+
+    for round_, ref in enumerate(refs):
+        async def doomed(ref: str = ref) -> None:
+            conn = await driver.spawn_plugin(driver.plugin_command(), config=config,
+                                             stderr=asyncio.subprocess.DEVNULL)
+            await conn.handshake()
+            task = asyncio.create_task(
+                conn.create_container(pod({f"{KEY_V1}/POD": ref}), container()))
+            await asyncio.sleep(rng.uniform(0.0, 0.06))
+            assert conn.process is not None
+            conn.process.kill()
+            await conn.process.wait()
+            await asyncio.gather(task, return_exceptions=True)
+            await conn.wait_closed()
+
+        run(doomed())
+        disk = Cache(cache, max_bytes=1 << 40)
+        assert not list(cache.rglob(".tmp-*")), f"round {round_}: leftovers after open"
+        for path in (cache / "blobs" / "sha256").iterdir():
+            assert disk.get_blob("sha256:" + path.name) is not None, f"round {round_}: {path}"
+        disk.close()
+
+    async def survivor() -> list[driver.CreateResult]:
+        async with plugin(config) as session:
+            return [await session.conn.create_container(pod({f"{KEY_V1}/POD": r}), container())
+                    for r in refs]
+
+    assert all(r.seccomp is not None for r in run(survivor()))
