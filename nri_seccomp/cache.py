@@ -4,35 +4,48 @@ Layout under the root::
 
     blobs/sha256/<hex>     the profile layer, named by its own digest
     index.json             {reference: {digest, fetched_at, last_used}}
-    lock                   one plugin process at a time
+    lock                   pid of the process holding the cache (the lock itself
+                           is an flock on the root directory)
 
-Every write is a temporary file in the same directory, fsync'd, renamed over
-the final name, then the directory fsync'd: a crash leaves either the old file
-or the new one, never a partial file under a final name. Leftover temporary
-files are removed at open. Every read re-hashes the blob: a damaged file is
-deleted and reported as a miss, never served. Blobs beyond ``max_bytes`` are
-evicted least recently used first.
+Every write is a temporary file (``.tmp-…``) in the final directory, fsync'd,
+renamed over the final name, then the directory fsync'd: a crash leaves either
+the old file or the new one, never a partial file under a final name. Leftover
+temporary files are removed at open. Every read re-hashes the blob: a damaged
+file is deleted and reported as a miss, never served. Blobs beyond ``max_bytes``
+are evicted least recently used first, with the index entries that name them.
+
+A cache on a read-only or unwritable directory still opens and serves what it
+holds (verified); every write then raises :class:`CacheWriteError`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import hashlib
+import itertools
 import json
 import logging
+import math
 import os
 import re
+import stat
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 
 log = logging.getLogger(__name__)
 
 _DIGEST = re.compile(r"sha256:[a-f0-9]{64}")
-_TMP_PREFIX = ".tmp-"
+_HEX = re.compile(r"[a-f0-9]{64}")
+TMP_PREFIX = ".tmp-"
+INDEX_NAME = "index.json"
+PID_NAME = "lock"
+DEFAULT_MAX_BYTES = 256 * 2**20
 
 
 class CacheError(Exception):
@@ -40,15 +53,15 @@ class CacheError(Exception):
 
 
 class CacheIntegrityError(CacheError):
-    pass
+    """Content offered for caching does not match the digest it was announced with."""
 
 
 class CacheWriteError(CacheError):
-    pass
+    """The disk refused a write (read-only, full, permissions); nothing partial is visible."""
 
 
 class CacheLockedError(CacheError):
-    pass
+    """Another process has the cache open."""
 
 
 @dataclass(frozen=True)
@@ -59,7 +72,14 @@ class IndexEntry:
 
     @property
     def age_s(self) -> float:
+        """Seconds since the fetch; negative if the wall clock went back since."""
         return time.time() - self.fetched_at
+
+
+@dataclass
+class _Blob:
+    size: int
+    last_used: float
 
 
 def check_digest(digest: str) -> str:
@@ -73,172 +93,429 @@ def sha256_digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+def _why(exc: OSError) -> str:
+    name = errno.errorcode.get(exc.errno or 0, "error")
+    return f"{exc.strerror or exc} ({name})"
+
+
 class Cache:
-    def __init__(self, root: Path, max_bytes: int = 256 * 2**20) -> None:
+    """One process's cache; methods are thread-safe.
+
+    Blob reads and the write+fsync of new blobs run outside the lock, so a hit
+    never waits behind another thread's fsync; only renames, unlinks and the
+    in-memory bookkeeping are serialised.
+    """
+
+    def __init__(self, root: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        if max_bytes <= 0:
+            raise ValueError(f"cache max_bytes must be positive, not {max_bytes}")
         self.root = Path(root)
         self.max_bytes = max_bytes
-        self._blobs = self.root / "blobs" / "sha256"
-        self._index_path = self.root / "index.json"
+        self._blob_dir = self.root / "blobs" / "sha256"
+        self._index_path = self.root / INDEX_NAME
         self._lock = threading.Lock()
+        # held while writing index.json so that snapshots reach the disk in order
+        self._index_io = threading.Lock()
+        self._tmp_seq = itertools.count()
+        self._closed = False
         try:
-            self._blobs.mkdir(parents=True, exist_ok=True)
+            self._blob_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise CacheWriteError(f"cannot create cache directory {self._blobs}: "
-                                  f"{exc.strerror or exc}") from exc
-        self._lock_file = self._take_lock()
-        self._remove_leftovers()
-        self._index = self._load_index()
-        #: hex → (size, last use)
-        self._sizes: dict[str, tuple[int, float]] = {}
-        for path in self._blobs.iterdir():
-            if _DIGEST.fullmatch("sha256:" + path.name):
-                st = path.stat()
-                self._sizes[path.name] = (st.st_size, st.st_mtime)
-        for entry in self._index.values():
-            hexd = entry.digest[7:]
-            if hexd in self._sizes:
-                self._sizes[hexd] = (self._sizes[hexd][0], max(entry.last_used,
-                                                               self._sizes[hexd][1]))
+            raise CacheWriteError(f"cannot create cache directory {self._blob_dir}: "
+                                  f"{_why(exc)}") from exc
+        self._dir_fd = self._take_lock()
+        try:
+            self.writable = self._write_pid()
+            if self.writable:
+                self._remove_leftovers()
+            self._blobs = self._scan_blobs()
+            self._index = self._load_index()
+            self._dirty = False
+            self._merge_index_into_blobs()
+            with self._lock:
+                index_changed = self._evict_locked(keep=None)
+            if index_changed:
+                self._flush_index(best_effort=True)
+        except BaseException:
+            os.close(self._dir_fd)
+            raise
 
-    # ---- opening ---------------------------------------------------------------
+    # ---- opening and closing ---------------------------------------------------
 
     def _take_lock(self) -> int:
-        path = self.root / "lock"
+        # flock on the directory rather than on a file in it: works on a
+        # read-only file system too, and a file cannot be deleted from under it
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
-            raise CacheWriteError(f"cannot open {path}: {exc.strerror or exc}") from exc
+            raise CacheWriteError(f"cannot open cache directory {self.root}: "
+                                  f"{_why(exc)}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
+            try:
+                holder = (self.root / PID_NAME).read_text(errors="replace").strip()[:32]
+            except OSError:
+                holder = ""
             raise CacheLockedError(
-                f"cache {self.root} is in use by another process (pid {holder})"
+                f"cache {self.root} is in use by another process (pid {holder or 'unknown'})"
             ) from None
-        with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, str(os.getpid()).encode(), 0)
         return fd
 
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self._lock_file)
+    def _write_pid(self) -> bool:
+        """Record our pid for the error of a second process; False if the root is unwritable."""
+        path = self.root / PID_NAME
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            try:
+                os.write(fd, f"{os.getpid()}\n".encode())
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            log.warning("cache %s is not writable (%s): serving what it holds, "
+                        "new profiles will not be kept", self.root, _why(exc))
+            return False
+        return True
 
     def _remove_leftovers(self) -> None:
-        for directory in (self.root, self._blobs):
-            for path in directory.glob(_TMP_PREFIX + "*"):
-                with contextlib.suppress(OSError):
+        # safe only because we hold the lock: no other writer can own these
+        for directory in (self.root, self._blob_dir):
+            for path in directory.glob(TMP_PREFIX + "*"):
+                try:
                     path.unlink()
+                except OSError as exc:
+                    log.warning("cannot remove unfinished cache write %s: %s", path, _why(exc))
+                else:
                     log.info("removed unfinished cache write %s", path)
+
+    def _scan_blobs(self) -> dict[str, _Blob]:
+        blobs: dict[str, _Blob] = {}
+        try:
+            with os.scandir(self._blob_dir) as it:
+                for entry in it:
+                    if not _HEX.fullmatch(entry.name):
+                        continue
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    if stat.S_ISREG(st.st_mode):
+                        # atime is where touch() persists the last use across restarts
+                        blobs[entry.name] = _Blob(st.st_size, max(st.st_atime, st.st_mtime))
+        except OSError as exc:
+            raise CacheError(f"cannot list cached blobs in {self._blob_dir}: "
+                             f"{_why(exc)}") from exc
+        return blobs
 
     def _load_index(self) -> dict[str, IndexEntry]:
         try:
-            raw = json.loads(self._index_path.read_text())
-            entries = {
-                str(ref): IndexEntry(str(e["digest"]), float(e["fetched_at"]),
-                                     float(e.get("last_used", e["fetched_at"])))
-                for ref, e in raw.items()
-            }
-            for entry in entries.values():
-                check_digest(entry.digest)
+            raw = json.loads(self._index_path.read_bytes())
+            if not isinstance(raw, dict):
+                raise TypeError(f"top level is {type(raw).__name__}, not an object")
+            entries: dict[str, IndexEntry] = {}
+            for ref, e in raw.items():
+                fetched_at = float(e["fetched_at"])
+                last_used = float(e.get("last_used", fetched_at))
+                if not (math.isfinite(fetched_at) and math.isfinite(last_used)):
+                    raise ValueError(f"{ref}: time is not a finite number")
+                digest = str(e["digest"])
+                check_digest(digest)
+                entries[str(ref)] = IndexEntry(digest, fetched_at, last_used)
             return entries
         except FileNotFoundError:
+            if self._blobs:
+                log.warning("cache index %s is missing; starting with an empty index, "
+                            "blobs stay usable by digest", self._index_path)
             return {}
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
             log.warning("cache index %s is damaged (%s); starting with an empty index, "
                         "blobs stay usable by digest", self._index_path, exc)
             return {}
 
+    def _merge_index_into_blobs(self) -> None:
+        for ref, entry in list(self._index.items()):
+            blob = self._blobs.get(entry.digest[7:])
+            if blob is None:
+                # the blob went (evicted before a crash, or removed by hand): the
+                # entry could only ever miss, and would count against stale-if-error
+                del self._index[ref]
+                self._dirty = True
+            else:
+                blob.last_used = max(blob.last_used, entry.last_used)
+
+    def close(self) -> None:
+        """Write the last-use times out and release the lock. Idempotent."""
+        if self._closed:
+            return
+        try:
+            if self.writable:
+                self._flush_index(best_effort=True)
+        finally:
+            self._closed = True
+            with contextlib.suppress(OSError):
+                os.close(self._dir_fd)
+
+    def __enter__(self) -> Cache:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            # without the lock another process may own the directory now
+            raise CacheError(f"cache {self.root} is closed")
+
     # ---- blobs -------------------------------------------------------------------
 
+    @property
+    def total_bytes(self) -> int:
+        with self._lock:
+            return sum(b.size for b in self._blobs.values())
+
     def blob_path(self, digest: str) -> Path:
-        return self._blobs / check_digest(digest)
+        return self._blob_dir / check_digest(digest)
 
     def get_blob(self, digest: str) -> bytes | None:
-        path = self.blob_path(digest)
+        """The verified content of ``digest``, or None; damaged files are deleted, never served.
+
+        Always re-hashed: 16 KiB is ~10 µs and the 1 MiB maximum ~0.6 ms, which
+        is not worth trusting file metadata to vouch for the content.
+        """
+        hexd = check_digest(digest)
+        self._check_open()
+        path = self._blob_dir / hexd
         try:
-            data = path.read_bytes()
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
+            with self._lock:
+                self._blobs.pop(hexd, None)
             return None
         except OSError as exc:
-            log.warning("cannot read cached blob %s: %s", path, exc.strerror or exc)
+            # ELOOP: a symlink where a blob should be, never followed
+            log.warning("cannot read cached blob %s: %s", path, _why(exc))
+            if exc.errno == errno.ELOOP:
+                self._discard(path, hexd, None)
             return None
-        actual = sha256_digest(data)
-        if actual != digest:
-            log.warning("cached blob %s is damaged (content is %s, %d bytes); deleted, "
-                        "it will be fetched again", path, actual, len(data))
-            with self._lock:
-                with contextlib.suppress(OSError):
-                    path.unlink()
-                self._sizes.pop(digest[7:], None)
-            return None
-        with self._lock:
-            self._sizes[digest[7:]] = (len(data), time.time())
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                log.warning("cached blob %s is not a regular file; ignored", path)
+                return None
+            data = f.read()
+            actual = sha256_digest(data)
+            if actual != digest:
+                log.warning("cached blob %s is damaged (expected %s, content is %s, %d bytes); "
+                            "deleted, it will be fetched again", path, digest, actual, len(data))
+                self._discard(path, hexd, st)
+                return None
+            self._touch_fd(f.fileno(), hexd, len(data), st)
         return data
 
+    def touch(self, digest: str) -> None:
+        """Mark ``digest`` as just used, for LRU eviction (get_blob does this on a hit)."""
+        hexd = check_digest(digest)
+        self._check_open()
+        try:
+            fd = os.open(self._blob_dir / hexd, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode):
+                self._touch_fd(fd, hexd, st.st_size, st)
+        finally:
+            os.close(fd)
+
+    def _touch_fd(self, fd: int, hexd: str, size: int, st: os.stat_result) -> None:
+        now_ns = time.time_ns()
+        with self._lock:
+            blob = self._blobs.setdefault(hexd, _Blob(size, 0.0))
+            blob.last_used = now_ns / 1e9
+        # persisted in atime (mtime kept): a metadata update, no fsync on the hit path
+        with contextlib.suppress(OSError):
+            os.utime(fd, ns=(now_ns, st.st_mtime_ns))
+
+    def _discard(self, path: Path, hexd: str, seen: os.stat_result | None) -> None:
+        with self._lock:
+            try:
+                current = os.lstat(path)
+            except FileNotFoundError:
+                self._blobs.pop(hexd, None)
+                return
+            except OSError:
+                return
+            if seen is not None and (current.st_ino, current.st_dev) != (seen.st_ino,
+                                                                        seen.st_dev):
+                # another thread has put a fresh copy since we read the bad one
+                return
+            try:
+                path.unlink()
+            except OSError as exc:
+                log.warning("cannot delete damaged cached blob %s: %s", path, _why(exc))
+            self._blobs.pop(hexd, None)
+
     def put_blob(self, data: bytes, expected_digest: str | None = None) -> str:
-        digest = sha256_digest(data)
+        """Store ``data``; its digest is returned. Raises CacheIntegrityError, CacheWriteError."""
         if expected_digest is not None:
             check_digest(expected_digest)
-            if digest != expected_digest:
-                raise CacheIntegrityError(
-                    f"refusing to cache {len(data)} bytes as {expected_digest}: content is "
-                    f"{digest}"
-                )
-        path = self.blob_path(digest)
+        digest = sha256_digest(data)
+        if expected_digest is not None and digest != expected_digest:
+            raise CacheIntegrityError(
+                f"refusing to cache {len(data)} bytes as {expected_digest}: content is {digest}"
+            )
+        self._check_open()
+        hexd = digest[7:]
+        path = self._blob_dir / hexd
+        tmp: Path | None = None
+        if not self._holds(path, data):
+            tmp = self._write_temp(path, data)
         with self._lock:
-            if not (path.exists() and path.stat().st_size == len(data)):
-                self._write_atomic(path, data)
-            self._sizes[digest[7:]] = (len(data), time.time())
-            self._evict()
+            if tmp is not None:
+                try:
+                    os.replace(tmp, path)
+                except OSError as exc:
+                    with contextlib.suppress(OSError):
+                        tmp.unlink()
+                    raise CacheWriteError(f"cannot write {path}: {_why(exc)}") from exc
+            self._blobs[hexd] = _Blob(len(data), time.time())
+            index_changed = self._evict_locked(keep=hexd)
+        if tmp is not None:
+            self._fsync_dir(path)
+        else:
+            # the copy already there counts as used now, across a restart too
+            with contextlib.suppress(OSError):
+                os.utime(path)
+        if index_changed:
+            self._flush_index(best_effort=True)
         return digest
 
-    def _evict(self) -> None:
-        total = sum(size for size, _ in self._sizes.values())
+    def _holds(self, path: Path, data: bytes) -> bool:
+        """Whether ``path`` already has exactly ``data`` (the same size is not enough)."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return False
+        with os.fdopen(fd, "rb") as f:
+            if os.fstat(f.fileno()).st_size != len(data):
+                return False
+            return f.read() == data
+
+    def _evict_locked(self, keep: str | None) -> bool:
+        """Delete least recently used blobs beyond max_bytes; True if the index changed."""
+        total = sum(b.size for b in self._blobs.values())
         if total <= self.max_bytes:
-            return
-        for hexd, (size, _) in sorted(self._sizes.items(), key=lambda kv: kv[1][1]):
+            return False
+        index_changed = False
+        for hexd, blob in sorted(self._blobs.items(), key=lambda kv: kv[1].last_used):
             if total <= self.max_bytes:
                 break
-            with contextlib.suppress(FileNotFoundError):
-                (self._blobs / hexd).unlink()
-            del self._sizes[hexd]
-            total -= size
+            if hexd == keep:
+                # the caller is about to use it; it goes next time if still too big
+                continue
+            path = self._blob_dir / hexd
+            try:
+                # no directory fsync: a crash can only bring back a valid blob
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("cannot evict cached blob %s: %s", path, _why(exc))
+                break
+            del self._blobs[hexd]
+            total -= blob.size
             gone = [ref for ref, e in self._index.items() if e.digest[7:] == hexd]
             for ref in gone:
                 del self._index[ref]
-            log.info("evicted cached profile sha256:%s (%d bytes) for %s", hexd, size,
+            index_changed = index_changed or bool(gone)
+            log.info("evicted cached profile sha256:%s (%d bytes, last used %s) for %s",
+                     hexd, blob.size, time.strftime("%Y-%m-%dT%H:%M:%S",
+                                                    time.localtime(blob.last_used)),
                      ", ".join(gone) or "no reference")
-        self._save_index()
+        if total > self.max_bytes and keep is not None:
+            log.warning("cache %s holds %d bytes, over its %d byte limit: the newest blob "
+                        "sha256:%s alone is too big", self.root, total, self.max_bytes, keep)
+        self._dirty = self._dirty or index_changed
+        return index_changed
 
     # ---- index ---------------------------------------------------------------------
 
     def lookup(self, reference: str) -> IndexEntry | None:
+        """The digest last recorded for ``reference`` (a normalised reference string)."""
+        self._check_open()
         with self._lock:
-            return self._index.get(reference)
+            entry = self._index.get(reference)
+            if entry is None:
+                return None
+            # written out with the next index write or at close, not on every hit
+            entry = dataclasses.replace(entry, last_used=time.time())
+            self._index[reference] = entry
+            self._dirty = True
+            blob = self._blobs.get(entry.digest[7:])
+            if blob is not None:
+                blob.last_used = entry.last_used
+            return entry
 
     def record(self, reference: str, digest: str, fetched_at: float | None = None) -> None:
-        check_digest(digest)
+        """Point ``reference`` at ``digest`` (put_blob first), durably; raises CacheWriteError."""
+        hexd = check_digest(digest)
+        if not isinstance(reference, str) or not reference:
+            raise ValueError(f"not a reference: {reference!r}")
         now = time.time()
+        if fetched_at is None:
+            fetched_at = now
+        elif not math.isfinite(fetched_at):
+            raise ValueError(f"fetched_at for {reference} is not a finite time: {fetched_at}")
+        self._check_open()
         with self._lock:
-            self._index[reference] = IndexEntry(digest, fetched_at or now, now)
-            self._save_index()
+            self._index[reference] = IndexEntry(digest, fetched_at, now)
+            self._dirty = True
+            blob = self._blobs.get(hexd)
+            if blob is not None:
+                blob.last_used = now
+        self._flush_index(best_effort=False)
 
-    def _save_index(self) -> None:
-        body = json.dumps(
-            {ref: {"digest": e.digest, "fetched_at": e.fetched_at, "last_used": e.last_used}
-             for ref, e in self._index.items()},
-            indent=1, sort_keys=True,
-        ).encode()
-        self._write_atomic(self._index_path, body)
+    def _flush_index(self, *, best_effort: bool) -> None:
+        with self._index_io:
+            with self._lock:
+                if not self._dirty:
+                    return
+                body = json.dumps(
+                    {ref: {"digest": e.digest, "fetched_at": e.fetched_at,
+                           "last_used": e.last_used}
+                     for ref, e in self._index.items()},
+                    indent=1, sort_keys=True,
+                ).encode()
+                self._dirty = False
+            try:
+                tmp = self._write_temp(self._index_path, body)
+                try:
+                    os.replace(tmp, self._index_path)
+                except OSError as exc:
+                    with contextlib.suppress(OSError):
+                        tmp.unlink()
+                    raise CacheWriteError(f"cannot write {self._index_path}: "
+                                          f"{_why(exc)}") from exc
+                self._fsync_dir(self._index_path)
+            except CacheWriteError as exc:
+                with self._lock:
+                    self._dirty = True
+                if not best_effort:
+                    raise
+                log.warning("%s", exc)
 
     # ---- the one way we write --------------------------------------------------------
 
-    def _write_atomic(self, path: Path, data: bytes) -> None:
-        tmp = path.parent / f"{_TMP_PREFIX}{path.name}-{os.getpid()}-{threading.get_ident()}"
+    def _write_temp(self, final: Path, data: bytes) -> Path:
+        """A fsync'd temporary file next to ``final``, ready to be renamed over it."""
+        tmp = final.parent / f"{TMP_PREFIX}{final.name}-{os.getpid()}-{next(self._tmp_seq)}"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise CacheWriteError(f"cannot write {final}: {_why(exc)}") from exc
+        try:
             try:
                 view = memoryview(data)
                 while view:
@@ -246,16 +523,18 @@ class Cache:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(tmp, path)
-            dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise CacheWriteError(f"cannot write {final}: {_why(exc)}") from exc
+        return tmp
+
+    def _fsync_dir(self, final: Path) -> None:
+        try:
+            dir_fd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            reason = errno.errorcode.get(exc.errno or 0, "error")
-            raise CacheWriteError(
-                f"cannot write {path}: {exc.strerror or exc} ({reason})"
-            ) from exc
+            raise CacheWriteError(f"cannot make {final} durable: {_why(exc)}") from exc

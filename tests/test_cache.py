@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,58 +19,132 @@ from pathlib import Path
 
 import pytest
 
+from nri_seccomp import cache as cache_mod
 from nri_seccomp.cache import (
     Cache,
+    CacheError,
     CacheIntegrityError,
+    CacheLockedError,
     CacheWriteError,
     sha256_digest,
 )
 
+PROFILE = b'{"defaultAction": "SCMP_ACT_ALLOW"}'
+
+
+def _blobs(root: Path) -> list[Path]:
+    return sorted((root / "blobs" / "sha256").iterdir())
+
+
+def _leftovers(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.name.startswith(cache_mod.TMP_PREFIX)]
+
 
 def test_round_trip_and_restart(tmp_path: Path) -> None:
     cache = Cache(tmp_path)
-    digest = cache.put_blob(b'{"defaultAction": "SCMP_ACT_ALLOW"}')
+    digest = cache.put_blob(PROFILE)
+    assert digest == sha256_digest(PROFILE)
+    assert cache.blob_path(digest) == tmp_path / "blobs" / "sha256" / digest[7:]
     cache.record("reg/a:v1", digest)
-    assert cache.get_blob(digest) == b'{"defaultAction": "SCMP_ACT_ALLOW"}'
+    cache.record("reg/old:v1", digest, fetched_at=1000.0)
+    assert cache.get_blob(digest) == PROFILE
     cache.close()
-    again = Cache(tmp_path)
-    entry = again.lookup("reg/a:v1")
-    assert entry is not None and entry.digest == digest and entry.age_s < 60
-    assert again.get_blob(digest) == b'{"defaultAction": "SCMP_ACT_ALLOW"}'
+    cache.close()  # idempotent
+    with Cache(tmp_path) as again:
+        entry = again.lookup("reg/a:v1")
+        assert entry is not None and entry.digest == digest and 0 <= entry.age_s < 60
+        old = again.lookup("reg/old:v1")
+        assert old is not None and old.fetched_at == 1000.0 and old.age_s > 10**9
+        assert again.lookup("reg/never:v1") is None
+        assert again.get_blob(digest) == PROFILE
+        assert again.get_blob("sha256:" + "0" * 64) is None
+    assert not _leftovers(tmp_path)
+
+
+def test_closed_cache_refuses_use(tmp_path: Path) -> None:
+    cache = Cache(tmp_path)
+    cache.close()
+    with pytest.raises(CacheError, match=f"cache {tmp_path} is closed"):
+        cache.put_blob(PROFILE)
 
 
 def test_expected_digest_is_verified(tmp_path: Path) -> None:
     cache = Cache(tmp_path)
     wrong = "sha256:" + "0" * 64
-    with pytest.raises(CacheIntegrityError, match=f"refusing to cache 3 bytes as {wrong}"):
+    with pytest.raises(CacheIntegrityError,
+                       match=f"refusing to cache 3 bytes as {wrong}: content is sha256:"):
         cache.put_blob(b"abc", wrong)
-    assert list((tmp_path / "blobs" / "sha256").iterdir()) == []
+    assert _blobs(tmp_path) == []
+    assert cache.put_blob(b"abc", sha256_digest(b"abc")) == sha256_digest(b"abc")
 
 
-@pytest.mark.parametrize("damage", ["truncate", "replace", "append"])
+@pytest.mark.parametrize("damage", ["truncate", "replace", "append", "empty"])
 def test_damaged_blob_is_never_served(tmp_path: Path, damage: str,
                                       caplog: pytest.LogCaptureFixture) -> None:
     cache = Cache(tmp_path)
     data = b"x" * 5000
     digest = cache.put_blob(data)
     path = cache.blob_path(digest)
-    if damage == "truncate":
-        path.write_bytes(data[:100])
-    elif damage == "replace":
-        path.write_bytes(b"y" * 5000)
-    else:
-        path.write_bytes(data + b"!")
+    damaged = {"truncate": data[:100], "replace": b"y" * 5000, "append": data + b"!",
+               "empty": b""}[damage]
+    path.write_bytes(damaged)
     assert cache.get_blob(digest) is None
     assert not path.exists()
-    assert f"cached blob {path} is damaged" in caplog.text
+    [line] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert f"cached blob {path} is damaged (expected {digest}, content is " \
+           f"{sha256_digest(damaged)}, {len(damaged)} bytes)" in line
+    assert cache.get_blob(digest) is None  # a plain miss now, no second warning
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+    # the refetch path: put again, served again
+    assert cache.put_blob(data, digest) == digest
+    assert cache.get_blob(digest) == data
 
 
-@pytest.mark.parametrize("content", [None, "", "{not json", "[1,2]",
-                                     '{"r": {"digest": "../../etc/passwd", "fetched_at": 1}}'],
-                         ids=["missing", "empty", "garbage", "list", "traversal"])
-def test_damaged_index_starts_empty(tmp_path: Path, content: str | None) -> None:
+def test_damaged_blob_found_after_restart(tmp_path: Path) -> None:
+    with Cache(tmp_path) as cache:
+        digest = cache.put_blob(PROFILE)
+        cache.record("reg/a:v1", digest)
+    (tmp_path / "blobs" / "sha256" / digest[7:]).write_bytes(PROFILE[:-1] + b"]")  # one byte off
+    with Cache(tmp_path) as cache:
+        entry = cache.lookup("reg/a:v1")
+        assert entry is not None
+        assert cache.get_blob(entry.digest) is None
+
+
+def test_put_over_a_damaged_file_of_the_same_size_rewrites_it(tmp_path: Path) -> None:
     cache = Cache(tmp_path)
-    digest = cache.put_blob(b"profile")
+    digest = cache.put_blob(PROFILE)
+    cache.blob_path(digest).write_bytes(b"z" * len(PROFILE))
+    cache.put_blob(PROFILE, digest)  # the refetched copy must replace the bad one
+    assert cache.blob_path(digest).read_bytes() == PROFILE
+    assert cache.get_blob(digest) == PROFILE
+
+
+def test_symlink_in_place_of_a_blob_is_not_followed(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.write_bytes(PROFILE)  # even with the right content
+    root = tmp_path / "cache"
+    cache = Cache(root)
+    digest = sha256_digest(PROFILE)
+    cache.blob_path(digest).symlink_to(outside)
+    assert cache.get_blob(digest) is None
+    assert not cache.blob_path(digest).is_symlink()
+    assert outside.read_bytes() == PROFILE
+
+
+@pytest.mark.parametrize(
+    "content",
+    [None, "", "{not json", '{"reg/a:v1": {"digest": "sha256:', "[1,2]", '{"r": 1}',
+     '{"r": {"fetched_at": 1}}',
+     '{"r": {"digest": "../../etc/passwd", "fetched_at": 1}}',
+     '{"r": {"digest": "sha256:' + "a" * 64 + '", "fetched_at": NaN}}'],
+    ids=["missing", "empty", "garbage", "truncated", "list", "not-object", "no-digest",
+         "traversal", "nan-time"],
+)
+def test_damaged_index_starts_empty(tmp_path: Path, content: str | None,
+                                    caplog: pytest.LogCaptureFixture) -> None:
+    cache = Cache(tmp_path)
+    digest = cache.put_blob(PROFILE)
     cache.record("reg/a:v1", digest)
     cache.close()
     index = tmp_path / "index.json"
@@ -75,35 +152,114 @@ def test_damaged_index_starts_empty(tmp_path: Path, content: str | None) -> None
         index.unlink()
     else:
         index.write_text(content)
-    again = Cache(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        again = Cache(tmp_path)
+    assert f"cache index {index} is" in caplog.text
+    assert "starting with an empty index, blobs stay usable by digest" in caplog.text
     assert again.lookup("reg/a:v1") is None
-    assert again.get_blob(digest) == b"profile"  # blobs stay usable by digest
+    assert again.get_blob(digest) == PROFILE  # blobs stay usable by digest
+    again.record("reg/a:v1", digest)  # and the index is written anew
+    again.close()
+    assert json.loads(index.read_text())["reg/a:v1"]["digest"] == digest
+
+
+def test_index_entries_without_their_blob_are_dropped(tmp_path: Path) -> None:
+    with Cache(tmp_path) as cache:
+        kept = cache.put_blob(b"kept")
+        gone = cache.put_blob(b"gone")
+        cache.record("reg/kept:v1", kept)
+        cache.record("reg/gone:v1", gone)
+    cache.blob_path(gone).unlink()
+    with Cache(tmp_path) as cache:
+        assert cache.lookup("reg/gone:v1") is None
+        assert cache.lookup("reg/kept:v1") is not None
+    assert set(json.loads((tmp_path / "index.json").read_text())) == {"reg/kept:v1"}
 
 
 @pytest.mark.parametrize("bad", ["../../etc/passwd", "sha256:../../x", "sha256:" + "A" * 64,
-                                 "sha512:" + "a" * 128, ""])
-def test_bad_digests_refused_before_disk(tmp_path: Path, bad: str) -> None:
+                                 "sha512:" + "a" * 128, "sha256:" + "a" * 63, "",
+                                 "sha256:" + "a" * 64 + "/../x", "sha256:" + "a" * 64 + "\n"])
+def test_bad_digests_refused_before_disk(tmp_path: Path, bad: str,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
     cache = Cache(tmp_path)
+
+    def no_disk(*args: object, **kwargs: object) -> int:
+        raise AssertionError(f"touched the disk: {args}")
+
+    monkeypatch.setattr(os, "open", no_disk)
     with pytest.raises(ValueError, match="not a sha256 digest"):
         cache.get_blob(bad)
     with pytest.raises(ValueError, match="not a sha256 digest"):
         cache.record("r", bad)
+    with pytest.raises(ValueError, match="not a sha256 digest"):
+        cache.touch(bad)
+    with pytest.raises(ValueError, match="not a sha256 digest"):
+        cache.put_blob(b"x", bad)
+    with pytest.raises(ValueError, match="not a sha256 digest"):
+        cache.blob_path(bad)
 
 
-def test_lru_eviction(tmp_path: Path) -> None:
+def test_lru_eviction(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     cache = Cache(tmp_path, max_bytes=3000)
     digests = []
     for i in range(3):
         digests.append(cache.put_blob(bytes([i]) * 1000))
         cache.record(f"r{i}", digests[-1])
         time.sleep(0.01)
+    assert cache.total_bytes == 3000
     assert cache.get_blob(digests[0]) is not None  # 0 is now the most recently used
     time.sleep(0.01)
-    d3 = cache.put_blob(b"z" * 1000)
-    assert cache.get_blob(digests[1]) is None  # least recently used went
-    assert cache.lookup("r1") is None
-    assert cache.get_blob(digests[0]) is not None
-    assert cache.get_blob(d3) is not None
+    cache.touch(digests[1])  # then 1; 2 is now the least recently used
+    time.sleep(0.01)
+    with caplog.at_level(logging.INFO):
+        d3 = cache.put_blob(b"z" * 1000)
+    assert f"evicted cached profile {digests[2]} (1000 bytes" in caplog.text
+    assert "for r2" in caplog.text
+    assert cache.get_blob(digests[2]) is None
+    assert cache.lookup("r2") is None
+    assert not cache.blob_path(digests[2]).exists()
+    assert cache.total_bytes == 3000
+    for d in (digests[0], digests[1], d3):
+        assert cache.get_blob(d) is not None
+    cache.close()
+    # the eviction reached the index on disk too
+    assert set(json.loads((tmp_path / "index.json").read_text())) == {"r0", "r1"}
+
+
+def test_lru_order_survives_restart(tmp_path: Path) -> None:
+    with Cache(tmp_path) as cache:
+        old = cache.put_blob(b"a" * 1000)
+        time.sleep(0.01)
+        new = cache.put_blob(b"b" * 1000)
+        time.sleep(0.01)
+        assert cache.get_blob(old) is not None  # a hit: old becomes the most recent
+    with Cache(tmp_path, max_bytes=2500) as cache:
+        cache.put_blob(b"c" * 1000)
+        assert cache.blob_path(old).exists()
+        assert not cache.blob_path(new).exists()
+
+
+def test_smaller_limit_evicts_at_open(tmp_path: Path) -> None:
+    with Cache(tmp_path) as cache:
+        for i in range(5):
+            cache.record(f"r{i}", cache.put_blob(bytes([i]) * 1000))
+            time.sleep(0.01)
+    with Cache(tmp_path, max_bytes=2000) as cache:
+        assert cache.total_bytes == 2000
+        assert [cache.lookup(f"r{i}") is not None for i in range(5)] == [False] * 3 + [True] * 2
+    assert len(_blobs(tmp_path)) == 2
+
+
+def test_a_blob_over_the_limit_is_kept_until_the_next_put(tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    cache = Cache(tmp_path, max_bytes=100)
+    big = cache.put_blob(b"b" * 500)
+    assert "alone is too big" in caplog.text
+    cache.record("reg/big:v1", big)
+    assert cache.get_blob(big) == b"b" * 500  # the caller gets to use what it just put
+    small = cache.put_blob(b"s" * 10)
+    assert cache.get_blob(big) is None and cache.lookup("reg/big:v1") is None
+    assert cache.get_blob(small) == b"s" * 10
 
 
 def test_threads_put_the_same_blob(tmp_path: Path) -> None:
@@ -116,25 +272,71 @@ def test_threads_put_the_same_blob(tmp_path: Path) -> None:
         t.start()
     for t in threads:
         t.join()
-    assert set(results) == {sha256_digest(data)}
+    assert results == [sha256_digest(data)] * 16
     assert cache.get_blob(sha256_digest(data)) == data
-    assert not list(tmp_path.rglob(".tmp-*"))
+    assert not _leftovers(tmp_path)
 
 
-def test_second_process_is_refused(tmp_path: Path) -> None:
-    Cache(tmp_path)
+def test_threads_mixed_with_eviction_never_see_bad_bytes(tmp_path: Path) -> None:
+    cache = Cache(tmp_path, max_bytes=64 * 1024)
+    payloads = [bytes([i]) * (4096 + i) for i in range(40)]
+    digests = [sha256_digest(p) for p in payloads]
+    errors: list[BaseException] = []
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            for _ in range(150):
+                i = rng.randrange(len(payloads))
+                op = rng.random()
+                if op < 0.4:
+                    cache.put_blob(payloads[i], digests[i])
+                    cache.record(f"reg/p:{i}", digests[i])
+                elif op < 0.9:
+                    got = cache.get_blob(digests[i])
+                    assert got is None or got == payloads[i]
+                else:
+                    entry = cache.lookup(f"reg/p:{i}")
+                    assert entry is None or entry.digest == digests[i]
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert cache.total_bytes <= 64 * 1024
+    on_disk = sum(p.stat().st_size for p in _blobs(tmp_path))
+    assert on_disk == cache.total_bytes
+    assert not _leftovers(tmp_path)
+
+
+def test_second_opener_is_refused_with_the_pid(tmp_path: Path) -> None:
+    first = Cache(tmp_path)
+    with pytest.raises(CacheLockedError,
+                       match=f"cache {tmp_path} is in use by another process "
+                             rf"\(pid {os.getpid()}\)"):
+        Cache(tmp_path)
     code = f"import pathlib, nri_seccomp.cache as c; c.Cache(pathlib.Path({str(tmp_path)!r}))"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=False)
     assert proc.returncode != 0
     assert "CacheLockedError" in proc.stderr
     assert f"is in use by another process (pid {os.getpid()})" in proc.stderr
+    first.close()
+    Cache(tmp_path).close()  # released by close
 
 
 @contextlib.contextmanager
-def tmpfs(path: Path, size: str, readonly: bool = False) -> Iterator[Path]:
-    path.mkdir()
-    opts = f"size={size}" + (",ro" if readonly else "")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], check=True)
+def mounted(path: Path, *args: str) -> Iterator[Path]:
+    path.mkdir(exist_ok=True)
+    proc = subprocess.run(["mount", *args, str(path)], capture_output=True, text=True,
+                          check=False)
+    if proc.returncode != 0:
+        # CI runs as root on a machine that allows mounts: a failure here is a failure
+        pytest.fail(f"cannot mount here (the tests need root with mount rights): {proc.stderr}")
     try:
         yield path
     finally:
@@ -142,59 +344,143 @@ def tmpfs(path: Path, size: str, readonly: bool = False) -> Iterator[Path]:
 
 
 def test_full_disk_leaves_no_partial_file(tmp_path: Path) -> None:
-    with tmpfs(tmp_path / "small", "64k") as root:
+    with mounted(tmp_path / "small", "-t", "tmpfs", "-o", "size=64k", "tmpfs") as root:
         cache = Cache(root)
-        with pytest.raises(CacheWriteError, match="No space left on device"):
-            cache.put_blob(os.urandom(200_000))
-        assert list((root / "blobs" / "sha256").iterdir()) == []
+        path = root / "blobs" / "sha256" / sha256_digest(b"\0" * 200_000)[7:]
+        with pytest.raises(CacheWriteError,
+                           match=f"cannot write {path}: No space left on device \\(ENOSPC\\)"):
+            cache.put_blob(b"\0" * 200_000)
+        assert _blobs(root) == []
+        assert not _leftovers(root)
         small = cache.put_blob(b"still works")
         assert cache.get_blob(small) == b"still works"
+        cache.record("reg/small:v1", small)
+        before = (root / "index.json").read_bytes()
+        # fill the disk to the brim, then the index write is what fails
+        filler = root / "filler"
+        with contextlib.suppress(OSError), filler.open("wb") as f:
+            while True:
+                f.write(b"\0" * 4096)
+                f.flush()
+        with pytest.raises(CacheWriteError, match=f"cannot write {root / 'index.json'}: "
+                                                  "No space left on device"):
+            cache.record("reg/a:" + "x" * 5000, small)
+        assert (root / "index.json").read_bytes() == before
+        assert not _leftovers(root)
         cache.close()
 
 
-def test_read_only_disk_is_refused_with_path(tmp_path: Path) -> None:
+def test_read_only_disk_serves_verified_blobs_and_refuses_writes(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     root = tmp_path / "ro"
-    Cache(root).close()
-    subprocess.run(["mount", "--bind", "-o", "ro", str(root), str(root)], check=True)
-    subprocess.run(["mount", "-o", "remount,bind,ro", str(root)], check=True)
+    with Cache(root) as cache:
+        good = cache.put_blob(PROFILE)
+        bad = cache.put_blob(b"will be damaged")
+        cache.record("reg/a:v1", good)
+    (root / "blobs" / "sha256" / bad[7:]).write_bytes(b"damaged")
+    with mounted(root, "--bind", root.as_posix()):
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(root)], check=True)
+        with Cache(root) as cache:
+            assert "is not writable (Read-only file system (EROFS))" in caplog.text
+            assert not cache.writable
+            entry = cache.lookup("reg/a:v1")
+            assert entry is not None and cache.get_blob(entry.digest) == PROFILE
+            assert cache.get_blob(bad) is None  # detected, not served, even if not deletable
+            with pytest.raises(CacheWriteError, match=rf"cannot write {root}/blobs/sha256/\w+: "
+                                                      r"Read-only file system \(EROFS\)"):
+                cache.put_blob(b"new")
+            with pytest.raises(CacheWriteError, match="Read-only file system"):
+                cache.record("reg/b:v1", good)
+
+
+ACCESS_PROBE = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    from nri_seccomp.cache import Cache, CacheWriteError
+    cache = Cache(Path(sys.argv[1]))
+    out = {"writable": cache.writable, "served": cache.get_blob(sys.argv[2]) is not None}
     try:
-        with pytest.raises(CacheWriteError, match="Read-only file system"):
-            Cache(root).put_blob(b"x")
+        cache.put_blob(b"new")
+    except CacheWriteError as exc:
+        out["error"] = str(exc)
+    print(json.dumps(out))
+""")
+
+
+def test_permission_denied_is_a_write_error(tmp_path: Path) -> None:
+    setpriv = shutil.which("setpriv")
+    assert setpriv is not None, "setpriv (util-linux) is needed to drop root's CAP_DAC_OVERRIDE"
+    root = tmp_path / "cache"
+    with Cache(root) as cache:
+        digest = cache.put_blob(PROFILE)
+    for d in (root, root / "blobs" / "sha256"):
+        d.chmod(0o555)
+    try:
+        # root ignores file modes; without these capabilities it gets EACCES like anyone
+        proc = subprocess.run(
+            [setpriv, "--bounding-set", "-dac_override,-dac_read_search",
+             sys.executable, "-c", ACCESS_PROBE, str(root), digest],
+            capture_output=True, text=True, check=False,
+        )
     finally:
-        subprocess.run(["umount", "-l", str(root)], check=False)
+        for d in (root, root / "blobs" / "sha256"):
+            d.chmod(0o755)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["served"] is True
+    assert out["error"].startswith(f"cannot write {root}/blobs/sha256/")
+    assert out["error"].endswith("Permission denied (EACCES)")
+    assert not _leftovers(root)
 
 
 WRITER = textwrap.dedent("""
-    import os, sys
+    import os, random, sys
     from pathlib import Path
     from nri_seccomp.cache import Cache
-    cache = Cache(Path(sys.argv[1]))
+    cache = Cache(Path(sys.argv[1]), max_bytes=8 << 20)
     print("ready", flush=True)
+    rng = random.Random(int(sys.argv[2]))
+    base = rng.randbytes(4 << 20)
     i = 0
     while True:
-        data = os.urandom(1 << 20) + str(i).encode()
+        # distinct content each time, cheaply: most of the loop is then the writes
+        data = str(i).encode() + base[: rng.randrange(1, 4 << 20)]
         digest = cache.put_blob(data)
         cache.record(f"reg/p:{i % 7}", digest)
+        cache.get_blob(digest)
         i += 1
 """)
 
 
-def test_sigkill_mid_write_never_leaves_a_partial_blob(tmp_path: Path) -> None:
+def test_sigkill_mid_write_never_leaves_a_partial_blob(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     rng = random.Random(1234)
-    for round_ in range(20):
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)],
+    interrupted = 0  # rounds whose kill landed inside a write, leaving a temporary file
+    round_ = 0
+    # 20 kills at least, and more (bounded) until enough of them hit a write mid-way
+    while round_ < 20 or (interrupted < 5 and round_ < 60):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), str(round_)],
                                 stdout=subprocess.PIPE)
         assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
-        time.sleep(rng.uniform(0.0, 0.15))
+        time.sleep(rng.uniform(0.0, 0.2))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        cache = Cache(tmp_path, max_bytes=1 << 40)
-        assert not list(tmp_path.rglob(".tmp-*")), f"round {round_}: leftovers"
-        for path in (tmp_path / "blobs" / "sha256").iterdir():
-            digest = "sha256:" + path.name
-            assert cache.get_blob(digest) is not None, f"round {round_}: partial {path}"
+        proc.stdout.close()
+        interrupted += bool(_leftovers(tmp_path))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            cache = Cache(tmp_path, max_bytes=8 << 20)
+        assert not _leftovers(tmp_path), f"round {round_}: leftovers after open"
+        assert caplog.records == [], f"round {round_}: {caplog.text}"  # index never damaged
+        for path in _blobs(tmp_path):
+            assert cache.get_blob("sha256:" + path.name) is not None, \
+                f"round {round_}: partial {path}"
         for i in range(7):
             entry = cache.lookup(f"reg/p:{i}")
             if entry is not None:
                 assert cache.get_blob(entry.digest) is not None
+        assert caplog.records == [], f"round {round_}: {caplog.text}"
         cache.close()
+        round_ += 1
+    print(f"{interrupted}/{round_} kills interrupted a write")
+    assert interrupted >= 5, f"only {interrupted} of {round_} kills landed inside a write"
