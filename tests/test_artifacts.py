@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import requests
 
 from nri_seccomp import artifacts
 from nri_seccomp.artifacts import ArtifactFetcher, FetchSettings
@@ -231,3 +232,33 @@ def test_tls_verified_by_default(tmp_path: Path) -> None:
             fetcher().fetch(ref)
         assert fetcher(ca_file=str(cert)).fetch(ref).data == PROFILE
         assert fetcher(tls_verify=False).fetch(ref).data == PROFILE
+
+
+def test_bearer_token_flow(tmp_path: Path) -> None:
+    from nri_seccomp.testing.tokenserver import TokenServer
+
+    tokens = TokenServer(tmp_path, users={"bob": "pw"})
+    with tokens, LocalRegistry(auth_config=tokens.registry_auth()) as reg:
+        # push with a token of our own, as a CI pipeline would
+        push_token = requests.get(
+            tokens.realm, params={"service": "test-registry",
+                                  "scope": "repository:tok/p:push,pull"},
+            auth=("bob", "pw"), timeout=5).json()["token"]
+        reg.push_headers = {"Authorization": f"Bearer {push_token}"}
+        reg.push_profile("tok/p", "v1", PROFILE)
+        ref = parse(f"{reg.address}/tok/p:v1")
+        with pytest.raises(artifacts.Unauthorized, match=r"token server .* HTTP 401"):
+            fetcher(reg.address).fetch(ref)
+        config = tmp_path / "config.json"
+        config.write_text(json.dumps({"auths": {reg.address: {
+            "auth": base64.b64encode(b"bob:pw").decode()}}}))
+        f = fetcher(reg.address, docker_config=str(config))
+        assert f.fetch(ref).data == PROFILE
+        asked = tokens.requests[-1]
+        assert asked["service"] == "test-registry"
+        assert asked["scope"] == "repository:tok/p:pull"
+        assert asked["authorization"].startswith("Basic ")
+        # the token is reused for the next fetch of the same repository
+        count = len(tokens.requests)
+        assert f.fetch(ref).data == PROFILE
+        assert len(tokens.requests) == count

@@ -46,18 +46,23 @@ class RegistryError(Exception):
 
 class LocalRegistry:
     def __init__(self, htpasswd: str | None = None, port: int | None = None,
-                 root: Path | None = None, tls: tuple[Path, Path] | None = None) -> None:
+                 root: Path | None = None, tls: tuple[Path, Path] | None = None,
+                 auth_config: str | None = None) -> None:
         self._tmp = Path(tempfile.mkdtemp(prefix="nri-seccomp-registry-"))
         self.root = root or self._tmp / "data"
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log_path = self._tmp / "access.log"
         self._htpasswd = htpasswd
+        #: a raw "auth:" section (e.g. TokenServer.registry_auth())
+        self._auth_config = auth_config
         #: (certificate, key): serve HTTPS
         self.tls = tls
         self.scheme = "https" if tls else "http"
         self._proc: subprocess.Popen[bytes] | None = None
         self.auth: tuple[str, str] | None = None
+        #: extra headers for pushes (e.g. a bearer token)
+        self.push_headers: dict[str, str] = {}
 
     # ---- process -----------------------------------------------------------
 
@@ -69,6 +74,8 @@ class LocalRegistry:
             path = self._tmp / "htpasswd"
             path.write_text(self._htpasswd)
             auth = f"auth: {{htpasswd: {{realm: test, path: {path}}}}}\n"
+        if self._auth_config is not None:
+            auth = self._auth_config
         config = self._tmp / "config.yml"
         config.write_text(
             "version: 0.1\n"
@@ -138,7 +145,7 @@ class LocalRegistry:
     def push_blob(self, repo: str, data: bytes) -> str:
         digest = digest_of(data)
         r = requests.post(self._url(f"{repo}/blobs/uploads/"), auth=self.auth, timeout=10,
-                          verify=self._verify)
+                          verify=self._verify, headers=self.push_headers)
         if r.status_code != 202:
             raise RegistryError(f"upload start: HTTP {r.status_code} {r.text[:200]}")
         location = r.headers["Location"]
@@ -146,7 +153,8 @@ class LocalRegistry:
             location = f"{self.scheme}://{self.address}{location}"
         sep = "&" if "?" in location else "?"
         r = requests.put(f"{location}{sep}digest={digest}", data=data, auth=self.auth,
-                         headers={"Content-Type": "application/octet-stream"}, timeout=10,
+                         headers={"Content-Type": "application/octet-stream",
+                                  **self.push_headers}, timeout=10,
                          verify=self._verify)
         if r.status_code != 201:
             raise RegistryError(f"upload: HTTP {r.status_code} {r.text[:200]}")
@@ -156,7 +164,8 @@ class LocalRegistry:
                       media_type: str = OCI_MANIFEST) -> str:
         body = manifest if isinstance(manifest, bytes) else json.dumps(manifest).encode()
         r = requests.put(self._url(f"{repo}/manifests/{tag}"), data=body, auth=self.auth,
-                         headers={"Content-Type": media_type}, timeout=10,
+                         headers={"Content-Type": media_type, **self.push_headers},
+                         timeout=10,
                          verify=self._verify)
         if r.status_code != 201:
             raise RegistryError(f"manifest: HTTP {r.status_code} {r.text[:300]}")
