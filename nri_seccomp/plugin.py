@@ -250,6 +250,8 @@ class SeccompPlugin:
             while len(self._translations) > TRANSLATIONS_KEPT:
                 self._translations.popitem(last=False)
         try:
+            if fut.done():  # the common case: no task, no timer
+                return fut.result()
             return await asyncio.wait_for(
                 asyncio.shield(fut), max(deadline - time.monotonic(), 0)
             )

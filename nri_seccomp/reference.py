@@ -9,6 +9,7 @@ repository, control characters.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -54,7 +55,9 @@ class Reference:
         return self.digest or self.tag or "latest"
 
 
+@functools.lru_cache(maxsize=4096)
 def parse(value: str) -> Reference:
+    """Parse and normalise; memoized, as the same annotations come with every container."""
     if not value:
         raise ReferenceError("empty reference")
     if len(value) > MAX_LENGTH:
