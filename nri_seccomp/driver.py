@@ -261,6 +261,12 @@ class PluginConnection:
             req = nri_pb2.RunPodSandboxRequest(pod=pod)
             await self._call("RunPodSandbox", req.SerializeToString())
 
+    async def state_change(self, event: int, pod: nri_pb2.PodSandbox) -> None:
+        """How NRI <= 0.11 (containerd 2.2) delivers pod events: StateChange, not their RPCs."""
+        if self.subscribed(event):
+            req = nri_pb2.StateChangeEvent(event=event, pod=pod)  # type: ignore[arg-type]
+            await self._call("StateChange", req.SerializeToString())
+
     async def create_container(
         self, pod: nri_pb2.PodSandbox, container: nri_pb2.Container
     ) -> CreateResult:

@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nri_seccomp import driver, profile
+from nri_seccomp.pb import nri_pb2
 from nri_seccomp.resolver import KEY_V1
 from nri_seccomp.testing.badregistry import BadRegistry
 from nri_seccomp.testing.registry import LocalRegistry
@@ -106,16 +107,25 @@ def test_200_concurrent_requests_20_fetches(registry: LocalRegistry, tmp_path: P
     assert registry.requests_seen(r"GET /v2/flight/[^ ]+/blobs/") - before == 20
 
 
-def test_prefetch_on_pod_creation(registry: LocalRegistry, tmp_path: Path) -> None:
-    registry.push_profile("prefetch/p", "v1", PROFILE)
-    ref = f"{registry.address}/prefetch/p:v1"
+@pytest.mark.parametrize("delivery", ["RunPodSandbox", "StateChange"])
+def test_prefetch_on_pod_creation(registry: LocalRegistry, tmp_path: Path,
+                                  delivery: str) -> None:
+    repo = f"prefetch/{delivery.lower()}"
+    registry.push_profile(repo, "v1", PROFILE)
+    ref = f"{registry.address}/{repo}:v1"
 
     async def scenario() -> driver.CreateResult:
         async with plugin(base_config(tmp_path / "cache", registry.address)) as session:
+            # the plugin subscribes to exactly the events it handles
+            assert session.conn.events == (1 << (nri_pb2.RUN_POD_SANDBOX - 1)) | (
+                1 << (nri_pb2.CREATE_CONTAINER - 1))
             the_pod = pod({f"{KEY_V1}/POD": ref})
-            await session.conn.run_pod_sandbox(the_pod)
+            if delivery == "RunPodSandbox":
+                await session.conn.run_pod_sandbox(the_pod)
+            else:
+                await session.conn.state_change(nri_pb2.RUN_POD_SANDBOX, the_pod)
             for _ in range(100):
-                if registry.requests_seen(r"GET /v2/prefetch/p/blobs/"):
+                if registry.requests_seen(rf"GET /v2/{repo}/blobs/"):
                     break
                 await asyncio.sleep(0.02)
             await asyncio.sleep(0.2)
@@ -123,7 +133,7 @@ def test_prefetch_on_pod_creation(registry: LocalRegistry, tmp_path: Path) -> No
 
     result = run(scenario())
     assert result.seccomp is not None
-    assert registry.requests_seen(r"GET /v2/prefetch/p/blobs/") == 1
+    assert registry.requests_seen(rf"GET /v2/{repo}/blobs/") == 1
 
 
 def test_stale_tag_served_when_registry_down(tmp_path: Path) -> None:
