@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from nri_seccomp.runtimes import CAPABILITY_NAMES
+
 DEFAULT_CACHE_DIR = "/var/lib/nri-seccomp/cache"
 MAX_PROFILE_BYTES = 1024 * 1024  # CRI-O's cap
 
@@ -77,13 +79,7 @@ _CHOICES = {
     "image_annotations_on_error": ("ignore", "refuse"),
     "log_level": ("debug", "info", "warning", "error"),
 }
-_RUNTIME_CAPS = (
-    "applies_seccomp_adjustment",
-    "passes_seccomp_profile",
-    "errno_ret_safe",
-    "keeps_default_errno",
-    "passes_image",
-)
+
 
 
 def load_file(path: str | Path) -> Config:
@@ -133,10 +129,10 @@ def _value(key: str, value: Any, where: str, default: Any) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {_kind(value)}")
         for cap, flag in value.items():
-            if cap not in _RUNTIME_CAPS:
+            if cap not in CAPABILITY_NAMES:
                 raise ConfigError(
                     f"{where}: unknown capability {cap!r}, expected one of "
-                    + ", ".join(_RUNTIME_CAPS)
+                    + ", ".join(CAPABILITY_NAMES)
                 )
             if not isinstance(flag, bool):
                 raise ConfigError(f"{where}.{cap}: expected true or false, got {_kind(flag)}")

@@ -9,20 +9,40 @@ not the enum value, tells it apart from "unset".
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 from nri_seccomp.pb import nri_pb2
 from nri_seccomp.runtimes import RuntimeCaps
 
 _TYPES = nri_pb2.SecurityProfile
+#: what to do when the runtime does not pass the container's seccomp profile (containerd 2.2.0)
+WHEN_PROFILE_UNKNOWN = ("refuse", "apply")
+_ANNOTATIONS_IGNORED = "wins over annotations"
+
+
+class Outcome(enum.Enum):
+    #: the annotation's profile replaces the container's seccomp section
+    ELIGIBLE = "eligible"
+    #: the container keeps its own profile; the annotation is only logged
+    NOT_ELIGIBLE = "not eligible"
+    #: the container creation must fail: running it would silently drop the profile
+    #: the annotation asks for, or could replace an administrator's profile
+    REFUSE = "refuse"
 
 
 @dataclass(frozen=True)
 class Decision:
-    eligible: bool
-    #: the container must be refused (creation fails) rather than run without the profile
-    refuse: bool
+    outcome: Outcome
     reason: str
+
+    @property
+    def eligible(self) -> bool:
+        return self.outcome is Outcome.ELIGIBLE
+
+    @property
+    def refuse(self) -> bool:
+        return self.outcome is Outcome.REFUSE
 
 
 def eligibility(
@@ -30,28 +50,54 @@ def eligibility(
     caps: RuntimeCaps,
     when_profile_unknown: str = "refuse",
 ) -> Decision:
+    """May an annotated container get its profile from the annotation on this runtime?
+
+    Only asked for a container an annotation names a profile for, so a refusal
+    fails exactly the containers that would otherwise run without what they asked for.
+    """
+    if when_profile_unknown not in WHEN_PROFILE_UNKNOWN:
+        raise ValueError(f"when_profile_unknown: expected one of {', '.join(WHEN_PROFILE_UNKNOWN)}"
+                         f", got {when_profile_unknown!r}")
+    # RUNTIME_DEFAULT is the enum's zero: only presence tells RuntimeDefault from unset
+    profile = (linux.seccomp_profile
+               if linux is not None and linux.HasField("seccomp_profile") else None)
+    if profile is not None:
+        # an administrator's profile wins even where the runtime could not apply ours,
+        # so such containers start normally on every runtime
+        kind = profile.profile_type
+        if kind == _TYPES.RUNTIME_DEFAULT:
+            return Decision(
+                Outcome.NOT_ELIGIBLE,
+                f"the container's RuntimeDefault seccomp profile {_ANNOTATIONS_IGNORED}",
+            )
+        if kind == _TYPES.LOCALHOST:
+            ref = profile.localhost_ref
+            shown = ref if ref.isprintable() else repr(ref)
+            return Decision(Outcome.NOT_ELIGIBLE,
+                            f"the container's Localhost seccomp profile {shown} "
+                            f"{_ANNOTATIONS_IGNORED}")
+        if kind != _TYPES.UNCONFINED:
+            # CRI-O only replaces unset or Unconfined; a type we cannot name is neither
+            return Decision(Outcome.NOT_ELIGIBLE,
+                            f"the container's seccomp profile of unknown type {kind} "
+                            f"{_ANNOTATIONS_IGNORED}")
     if not caps.applies_seccomp_adjustment:
-        return Decision(False, True, f"{caps.description} does not apply seccomp adjustments "
-                        "from NRI plugins: the container would run without its profile")
-    profile = linux.seccomp_profile if linux is not None and linux.HasField(
-        "seccomp_profile") else None
-    if profile is None:
-        if caps.passes_seccomp_profile:
-            return Decision(True, False, "seccomp profile unset")
-        if when_profile_unknown == "apply":
-            return Decision(True, False, f"{caps.description} does not say which seccomp "
-                            "profile the container has; applying (when_profile_unknown: apply)")
-        return Decision(False, True, f"{caps.description} does not say which seccomp profile "
-                        "the container has, so a RuntimeDefault or Localhost profile could be "
-                        "replaced; refusing (when_profile_unknown: refuse)")
-    if profile.profile_type == _TYPES.UNCONFINED:
-        return Decision(True, False, "seccomp profile Unconfined")
-    if profile.profile_type == _TYPES.LOCALHOST:
-        return Decision(False, False, f"Localhost seccomp profile {profile.localhost_ref} wins "
-                        "over annotations")
-    if profile.profile_type == _TYPES.RUNTIME_DEFAULT:
-        return Decision(False, False, "RuntimeDefault seccomp profile wins over annotations")
-    return Decision(False, True, f"unknown seccomp profile type {profile.profile_type}")
+        return Decision(Outcome.REFUSE,
+                        f"{caps.description} does not apply seccomp adjustments from NRI "
+                        "plugins: the container would run without the seccomp profile its "
+                        "annotation names")
+    if profile is not None:
+        return Decision(Outcome.ELIGIBLE, "the container's seccomp profile is Unconfined")
+    if caps.passes_seccomp_profile:
+        return Decision(Outcome.ELIGIBLE, "the container's seccomp profile is unset")
+    if when_profile_unknown == "apply":
+        return Decision(Outcome.ELIGIBLE,
+                        f"{caps.description} does not say which seccomp profile the container "
+                        "has; applying the annotation's profile (when_profile_unknown: apply)")
+    return Decision(Outcome.REFUSE,
+                    f"{caps.description} does not say which seccomp profile the container has, "
+                    "so the annotation's profile could replace a RuntimeDefault or Localhost "
+                    "profile (when_profile_unknown: refuse; set it to apply to accept that)")
 
 
 def profile_refusal(seccomp: nri_pb2.LinuxSeccomp, allow_listener: bool = False) -> str | None:

@@ -9,7 +9,8 @@ First match wins; at each step the v2 key is tried before its v1 twin:
 5. image annotation ``KEY/POD``
 
 A present but empty value stops the search (an opt-out). A bare key on the pod
-is ignored, as CRI-O ignores it.
+is ignored, as CRI-O ignores it. The value is only screened here (length,
+control characters); parsing it as a reference is ``reference``'s job.
 """
 
 from __future__ import annotations
@@ -19,14 +20,26 @@ from dataclasses import dataclass
 
 KEY_V2 = "seccomp-profile.crio.io"
 KEY_V1 = "seccomp-profile.kubernetes.cri-o.io"
+#: CRI-O main reads the v2 key first and falls back to its v1 twin at every step
 KEYS = (KEY_V2, KEY_V1)
 POD = "POD"
-#: longer than any OCI reference a registry accepts (CRI-O has no explicit bound)
+#: far longer than any reference a registry accepts; CRI-O itself sets no bound,
+#: but an unbounded value would end up in log lines and error messages
 MAX_VALUE = 4096
+#: how much of a refused value an error message quotes
+_QUOTED = 64
+
+SOURCES = ("pod-container", "pod", "image", "image-container", "image-pod")
 
 
 class AnnotationError(ValueError):
     """An annotation value that cannot be a reference; refused before any parsing or fetch."""
+
+    def __init__(self, key: str, problem: str, value: str) -> None:
+        quoted = repr(value[:_QUOTED]) + ("…" if len(value) > _QUOTED else "")
+        super().__init__(f"annotation {key} {problem}: {quoted}")
+        self.key = key
+        self.problem = problem
 
 
 @dataclass(frozen=True)
@@ -34,9 +47,13 @@ class Match:
     #: the annotation's value; "" is an explicit opt-out
     reference: str
     key: str
-    #: "pod-container", "pod", "image", "image-container" or "image-pod"
+    #: one of SOURCES
     source: str
     log_line: str
+
+    @property
+    def opt_out(self) -> bool:
+        return not self.reference
 
 
 def resolve(
@@ -44,49 +61,58 @@ def resolve(
     container_name: str,
     image_annotations: Mapping[str, str],
 ) -> Match | None:
-    for source, where, suffix in (
+    """The annotation that decides ``container_name``'s profile, or None when none applies.
+
+    Raises AnnotationError when the deciding value is hostile; values of keys
+    that lose are not looked at, as CRI-O never reads them either.
+    """
+    steps = (
         ("pod-container", pod_annotations, f"/{container_name}"),
         ("pod", pod_annotations, f"/{POD}"),
         ("image", image_annotations, ""),
         ("image-container", image_annotations, f"/{container_name}"),
         ("image-pod", image_annotations, f"/{POD}"),
-    ):
+    )
+    for source, where, suffix in steps:
         for base in KEYS:
             key = base + suffix
             value = where.get(key)
             if value is None:
                 continue
+            # screened before it reaches any log line, so a newline cannot forge one
             check_value(key, value)
             return Match(value, key, source, _log_line(source, key, value, container_name))
     return None
 
 
+# CRI-O's wording, which operators grep for; {key}={value} is appended
+_FOUND = {
+    "pod-container": "Found container specific seccomp profile annotation",
+    "pod": "Found pod specific seccomp profile annotation",
+    "image": "Found image specific seccomp profile annotation",
+    "image-container": "Found image specific seccomp profile annotation for container {name}",
+    "image-pod": "Found image specific seccomp profile annotation for pod",
+}
+
+
 def _log_line(source: str, key: str, value: str, container: str) -> str:
+    found = _FOUND[source].format(name=container)
     if not value:
-        return (f"Found empty seccomp profile annotation {key} for container {container}: "
-                "not applying a profile from an artifact")
-    if source == "pod-container":
-        return f"Found container specific seccomp profile annotation: {key}={value}"
-    if source == "pod":
-        return f"Found pod specific seccomp profile annotation: {key}={value}"
-    if source == "image":
-        return f"Found image specific seccomp profile annotation: {key}={value}"
-    if source == "image-container":
-        return (f"Found image specific seccomp profile annotation for container {container}: "
-                f"{key}={value}")
-    return f"Found image specific seccomp profile annotation for pod: {key}={value}"
+        # CRI-O prints nothing for an opt-out; ours says why no profile follows,
+        # and "empty" keeps it apart from a grep for CRI-O's own lines
+        return (f"{found.replace('Found ', 'Found empty ', 1)}: {key}= "
+                f"(opt-out: container {container} keeps its own seccomp profile)")
+    return f"{found}: {key}={value}"
 
 
 def check_value(key: str, value: str) -> None:
     """Refuse values no reference can have, with a message an operator can act on."""
     if len(value) > MAX_VALUE:
         raise AnnotationError(
-            f"annotation {key} is {len(value)} characters long (at most {MAX_VALUE}): "
-            f"{value[:64]!r}…"
+            key, f"is {len(value)} characters long (at most {MAX_VALUE})", value
         )
     for i, ch in enumerate(value):
         if ch.isspace() or not ch.isprintable():
             raise AnnotationError(
-                f"annotation {key} has a control or space character {ch!r} at position {i}: "
-                f"{value[:64]!r}"
+                key, f"has a control or space character {ch!r} at position {i}", value
             )
