@@ -30,7 +30,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -195,13 +195,22 @@ class ArtifactFetcher:
             raise PolicyError(str(ref), "a digest reference (@sha256:…) is required by the "
                               "configuration (registry.require_digest)")
 
-    def fetch(self, ref: Reference, deadline: float | None = None) -> Artifact:
+    def fetch(
+        self,
+        ref: Reference,
+        deadline: float | None = None,
+        have: Callable[[str], bytes | None] | None = None,
+    ) -> Artifact:
+        """Fetch and check the artifact. ``have(layer_digest)`` may return verified bytes
+        already held (the cache): a tag re-check then costs only the manifest request."""
         self.check_policy(ref)
         deadline = deadline if deadline is not None else time.monotonic() + 30
         with _deadline_watchdog(deadline):
-            return self._fetch(ref, deadline)
+            return self._fetch(ref, deadline, have)
 
-    def _fetch(self, ref: Reference, deadline: float) -> Artifact:
+    def _fetch(
+        self, ref: Reference, deadline: float, have: Callable[[str], bytes | None] | None
+    ) -> Artifact:
         manifest = self._manifest(ref, deadline)
         body = manifest.body
         key = str(ref)
@@ -228,6 +237,10 @@ class ArtifactFetcher:
                                   f"(layer {digest} is {size} bytes)")
         if size == 0:
             raise InvalidArtifact(key, "artifact data is empty")
+        held = have(digest) if have is not None else None
+        if held is not None and len(held) == size:
+            log.info("OCI artifact %s unchanged (layer %s already cached)", key, digest)
+            return Artifact(key, manifest.digest, digest, held, config_type)
         log.info("Pulling OCI artifact from ref: %s", key)
         data = self._get_blob(ref, digest, size, deadline)
         log.info("Retrieved OCI artifact seccomp profile of len: %d", len(data))

@@ -219,8 +219,11 @@ class ProfileStore:
     async def _fetch(self, ref: Reference, key: str) -> Ready:
         self.fetches += 1
         deadline = time.monotonic() + BACKGROUND_FETCH_BUDGET
-        art = await self._run(self._fetcher.fetch, ref, deadline)
-        compiled = await self._run(self._compile, art.data, art.layer_digest)
+        have = self._disk.get_blob if self._disk is not None else None
+        art = await self._run(self._fetcher.fetch, ref, deadline, have)
+        compiled = self._compiled.get(art.layer_digest) or await self._run(
+            self._compile, art.data, art.layer_digest
+        )
         if self._disk is not None:
             try:
                 await self._run(self._disk.put_blob, art.data, art.layer_digest)

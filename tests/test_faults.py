@@ -363,3 +363,24 @@ def test_plugin_killed_mid_fetch_never_leaves_a_partial_cache(registry: LocalReg
                     for r in refs]
 
     assert all(r.seccomp is not None for r in run(survivor()))
+
+
+def test_tag_recheck_downloads_only_the_manifest(registry: LocalRegistry, tmp_path: Path) -> None:
+    registry.push_profile("recheck/p", "v1", PROFILE)
+    ref = f"{registry.address}/recheck/p:v1"
+    config = base_config(tmp_path / "cache", registry.address, "tag_ttl: 0\n")
+
+    async def scenario() -> list[driver.CreateResult]:
+        async with plugin(config) as session:
+            return [await session.conn.create_container(pod({f"{KEY_V1}/POD": ref}),
+                                                        container()) for _ in range(3)]
+
+    results = run(scenario())
+    assert all(r.seccomp is not None for r in results)
+    # tag_ttl 0: every use asks the registry, but the unchanged layer is downloaded once
+    assert registry.requests_seen(r"GET /v2/recheck/p/manifests/v1") == 3
+    assert registry.requests_seen(r"GET /v2/recheck/p/blobs/") == 1
+    # a new push under the same tag is picked up by the next re-check
+    registry.push_profile("recheck/p", "v1", PROFILE.replace(b"write", b"close"))
+    results = run(scenario())
+    assert [n for n in results[-1].seccomp.syscalls[0].names] == ["read", "close"]  # type: ignore[union-attr]
