@@ -221,9 +221,9 @@ class ProfileStore:
         deadline = time.monotonic() + BACKGROUND_FETCH_BUDGET
         have = self._disk.get_blob if self._disk is not None else None
         art = await self._run(self._fetcher.fetch, ref, deadline, have)
-        compiled = self._compiled.get(art.layer_digest) or await self._run(
-            self._compile, art.data, art.layer_digest
-        )
+        compiled = self._compiled.get(art.layer_digest)
+        if compiled is None:
+            compiled = await self._run(self._compile, art.data, art.layer_digest)
         if self._disk is not None:
             try:
                 await self._run(self._disk.put_blob, art.data, art.layer_digest)
