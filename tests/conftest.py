@@ -1,4 +1,4 @@
-"""Shared fixtures: a real docker-registry process for the session."""
+"""Shared fixtures: real registry processes, started once per session and only when used."""
 
 from __future__ import annotations
 
@@ -8,8 +8,26 @@ import pytest
 
 from nri_seccomp.testing.registry import LocalRegistry
 
+#: (user, password) every authenticated test registry knows
+REGISTRY_USER = ("alice", "s3cret")
+
 
 @pytest.fixture(scope="session")
 def registry() -> Iterator[LocalRegistry]:
+    """docker-registry over plain HTTP, no authentication."""
     with LocalRegistry() as reg:
+        yield reg
+
+
+@pytest.fixture(scope="session")
+def htpasswd_registry() -> Iterator[LocalRegistry]:
+    """docker-registry with htpasswd (Basic) authentication for REGISTRY_USER."""
+    with LocalRegistry(users=dict([REGISTRY_USER])) as reg:
+        yield reg
+
+
+@pytest.fixture(scope="session")
+def token_registry() -> Iterator[LocalRegistry]:
+    """docker-registry with token (Bearer) authentication; its token server knows REGISTRY_USER."""
+    with LocalRegistry(users=dict([REGISTRY_USER]), token_auth=True) as reg:
         yield reg

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import base64
 import json
+import logging
+import os
 import subprocess
 import time
-import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -16,70 +17,169 @@ from nri_seccomp import artifacts
 from nri_seccomp.artifacts import ArtifactFetcher, FetchSettings
 from nri_seccomp.reference import parse
 from nri_seccomp.testing.badregistry import BadRegistry
-from nri_seccomp.testing.registry import LocalRegistry, digest_of
+from nri_seccomp.testing.registry import LocalRegistry, digest_of, docker_config
+from nri_seccomp.testing.tokenserver import TokenServer
 
-PROFILE = json.dumps({"defaultAction": "SCMP_ACT_ERRNO",
+from .conftest import REGISTRY_USER
+
+PROFILE = json.dumps({"defaultAction": "SCMP_ACT_ERRNO", "defaultErrnoRet": 38,
+                      "archMap": [{"architecture": "SCMP_ARCH_X86_64", "subArchitectures": []}],
                       "syscalls": [{"names": ["read"], "action": "SCMP_ACT_ALLOW"}]}).encode()
 CRIO_CONFIG_DIGEST = "sha256:ca3d163bab055381827226140568f3bef7eaac187cebd76878e0b63e9e442356"
 
 
-def fetcher(*insecure: str, **kw: object) -> ArtifactFetcher:
-    return ArtifactFetcher(FetchSettings(insecure_registries=frozenset(insecure), **kw))  # type: ignore[arg-type]
+def fetcher(*insecure: str, **kw: Any) -> ArtifactFetcher:
+    return ArtifactFetcher(FetchSettings(insecure_registries=frozenset(insecure), **kw))
 
 
-def test_crio_blog_shape_is_accepted(registry: LocalRegistry) -> None:
+def skopeo_raw(address: str, repo: str, tag: str) -> dict[str, Any]:
+    out = subprocess.run(
+        ["skopeo", "inspect", "--tls-verify=false", "--raw", f"docker://{address}/{repo}:{tag}"],
+        check=True, capture_output=True, text=True, timeout=30).stdout
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+# ---- what CRI-O accepts ------------------------------------------------------------
+
+
+def test_crio_blog_shape_is_accepted(registry: LocalRegistry,
+                                     caplog: pytest.LogCaptureFixture) -> None:
     digest = registry.push_profile("crio/blog", "v1", PROFILE)
-    manifest = json.loads(subprocess.run(
-        ["skopeo", "inspect", "--tls-verify=false", "--raw",
-         f"docker://{registry.address}/crio/blog:v1"],
-        check=True, capture_output=True, text=True).stdout)
-    # an independent client reads what we pushed: the CRI-O blog's shape
+    # an independent client reads what push_profile pushed: the CRI-O blog's shape
+    manifest = skopeo_raw(registry.address, "crio/blog", "v1")
     assert manifest["config"] == {"mediaType": artifacts.SECCOMP_CONFIG_MEDIA_TYPE,
                                   "digest": CRIO_CONFIG_DIGEST, "size": 3}
-    assert manifest["layers"][0]["annotations"] == {"org.opencontainers.image.title":
-                                                    "seccomp.json"}
-    art = fetcher(registry.address).fetch(parse(f"{registry.address}/crio/blog:v1"))
-    assert art.data == PROFILE
-    assert art.manifest_digest == digest
-    assert art.layer_digest == digest_of(PROFILE)
-    by_digest = fetcher(registry.address).fetch(parse(f"{registry.address}/crio/blog@{digest}"))
-    assert by_digest.data == PROFILE
+    assert digest_of(b"{}\n") == CRIO_CONFIG_DIGEST
+    assert manifest["layers"] == [{
+        "mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": digest_of(PROFILE),
+        "size": len(PROFILE), "annotations": {"org.opencontainers.image.title": "seccomp.json"}}]
+
+    ref = f"{registry.address}/crio/blog:v1"
+    with caplog.at_level(logging.INFO, logger="nri_seccomp.artifacts"):
+        art = fetcher(registry.address).fetch(parse(ref))
+    assert art == artifacts.Artifact(ref, digest, digest_of(PROFILE), PROFILE,
+                                     artifacts.SECCOMP_CONFIG_MEDIA_TYPE, len(PROFILE))
+    assert f"Pulling OCI artifact from ref: {ref}" in caplog.messages
+    assert f"Retrieved OCI artifact seccomp profile of len: {len(PROFILE)}" in caplog.messages
+
+    pinned = fetcher(registry.address).fetch(parse(f"{registry.address}/crio/blog@{digest}"))
+    assert pinned.data == PROFILE and pinned.manifest_digest == digest
+    both = fetcher(registry.address).fetch(parse(f"{registry.address}/crio/blog:gone@{digest}"))
+    assert both.data == PROFILE, "the digest wins over the tag"
 
 
 def test_oras_pushed_artifact_reads_back(registry: LocalRegistry) -> None:
-    registry.push_with_oras("oras/pushed", "v1", PROFILE)
+    digest = registry.push_with_oras("oras/pushed", "v1", PROFILE)
+    manifest = skopeo_raw(registry.address, "oras/pushed", "v1")
+    assert manifest["config"]["mediaType"] == artifacts.SECCOMP_CONFIG_MEDIA_TYPE
+    assert manifest["layers"][0]["annotations"]["org.opencontainers.image.title"] == (
+        "seccomp.json")
     art = fetcher(registry.address).fetch(parse(f"{registry.address}/oras/pushed:v1"))
     assert art.data == PROFILE
-    assert art.config_media_type == artifacts.SECCOMP_CONFIG_MEDIA_TYPE
+    assert art.manifest_digest == digest
+    assert art.media_type_config == artifacts.SECCOMP_CONFIG_MEDIA_TYPE
 
 
-@pytest.mark.parametrize("media_type", ["application/vnd.oci.empty.v1+json",
-                                        "application/vnd.unknown.config.v1+json",
-                                        "application/vnd.oci.image.config.v1+json"])
-def test_wrong_config_media_type_refused(registry: LocalRegistry, media_type: str) -> None:
-    registry.push_profile("wrong/type", "t", PROFILE, config_media_type=media_type)
+def test_manifest_without_media_type_field(registry: LocalRegistry) -> None:
+    # the field is optional in OCI manifests
+    registry.push_profile("shape/nomt", "v1", PROFILE, manifest_media_type=None)
+    art = fetcher(registry.address).fetch(parse(f"{registry.address}/shape/nomt:v1"))
+    assert art.data == PROFILE
+
+
+# ---- what is refused ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("media_type", "hint"), [
+    ("application/vnd.oci.empty.v1+json", "an artifact with an empty config"),
+    ("application/vnd.unknown.config.v1+json", "pushed without a config media type"),
+    ("application/vnd.oci.image.config.v1+json", ""),
+])
+def test_wrong_config_media_type_refused(registry: LocalRegistry, media_type: str,
+                                         hint: str) -> None:
+    repo = "wrong/" + media_type.split(".")[-2].split("/")[0]
+    registry.push_profile(repo, "t", PROFILE, config_media_type=media_type)
     with pytest.raises(artifacts.InvalidArtifact) as info:
-        fetcher(registry.address).fetch(parse(f"{registry.address}/wrong/type:t"))
-    assert f"config media type is {media_type!r}, expected " in str(info.value)
+        fetcher(registry.address).fetch(parse(f"{registry.address}/{repo}:t"))
+    assert (f"config media type is {media_type!r}, expected "
+            "'application/vnd.cncf.seccomp-profile.config.v1+json'") in str(info.value)
+    assert hint in str(info.value)
+    assert registry.count("blobs", repo) == 0
+
+
+def test_oras_default_config_is_refused(registry: LocalRegistry) -> None:
+    # what oras-py pushes when the config media type is not given as path:mediatype
+    registry.push_with_oras("oras/unknown", "v1", PROFILE,
+                            config_media_type=artifacts.UNKNOWN_CONFIG_MEDIA_TYPE)
+    with pytest.raises(artifacts.InvalidArtifact, match="pushed without a config media type"):
+        fetcher(registry.address).fetch(parse(f"{registry.address}/oras/unknown:v1"))
 
 
 def test_over_one_mib_refused_before_download(registry: LocalRegistry) -> None:
     big = b"[" + b" " * (1024 * 1024) + b"]"
     registry.push_profile("too/big", "t", big)
-    before = registry.requests_seen(r"GET /v2/too/big/blobs/")
     with pytest.raises(artifacts.InvalidArtifact) as info:
         fetcher(registry.address).fetch(parse(f"{registry.address}/too/big:t"))
     assert "exceeded maximum allowed artifact size of 1048576 bytes" in str(info.value)
     assert f"is {len(big)} bytes" in str(info.value)
-    assert registry.requests_seen(r"GET /v2/too/big/blobs/") == before
+    assert registry.count("manifests", "too/big") == 1
+    assert registry.count("blobs", "too/big") == 0
 
 
-def test_manifest_digest_mismatch(registry: LocalRegistry) -> None:
+def test_configured_max_size(registry: LocalRegistry) -> None:
+    registry.push_profile("max/size", "t", PROFILE)
+    small = fetcher(registry.address, max_size=len(PROFILE) - 1)
+    with pytest.raises(artifacts.InvalidArtifact,
+                       match=f"exceeded maximum allowed artifact size of {len(PROFILE) - 1} "):
+        small.fetch(parse(f"{registry.address}/max/size:t"))
+    assert fetcher(registry.address, max_size=len(PROFILE)).fetch(
+        parse(f"{registry.address}/max/size:t")).data == PROFILE
+
+
+def test_descriptor_sizes_that_lie(registry: LocalRegistry) -> None:
+    # distribution stores a manifest whatever sizes its descriptors claim
+    registry.push_profile("lie/small", "t", PROFILE, layer_size=3)
+    with pytest.raises(artifacts.InvalidArtifact) as info:
+        fetcher(registry.address).fetch(parse(f"{registry.address}/lie/small:t"))
+    assert f"layer is {len(PROFILE)} bytes (Content-Length), more than its advertised size " \
+           "of 3 bytes" in str(info.value)
+    registry.push_profile("lie/big", "t", PROFILE, layer_size=500)
+    with pytest.raises(artifacts.InvalidArtifact,
+                       match=f"layer is {len(PROFILE)} bytes, the descriptor says 500"):
+        fetcher(registry.address).fetch(parse(f"{registry.address}/lie/big:t"))
+    registry.push_profile("lie/zero", "t", PROFILE, layer_size=0)
+    with pytest.raises(artifacts.InvalidArtifact, match="artifact data is empty"):
+        fetcher(registry.address).fetch(parse(f"{registry.address}/lie/zero:t"))
+    assert registry.count("blobs", "lie/zero") == 0
+
+
+def test_empty_layer_refused(registry: LocalRegistry) -> None:
+    registry.push_profile("empty/layer", "t", b"")
+    with pytest.raises(artifacts.InvalidArtifact, match="artifact data is empty"):
+        fetcher(registry.address).fetch(parse(f"{registry.address}/empty/layer:t"))
+
+
+def test_no_layers_and_index_refused(registry: LocalRegistry) -> None:
+    registry.push_profile("shape/x", "nolayers", PROFILE, layers=0)
+    with pytest.raises(artifacts.InvalidArtifact, match="artifact has no layers"):
+        fetcher(registry.address).fetch(parse(f"{registry.address}/shape/x:nolayers"))
+    child = registry.push_profile("shape/x", "child", PROFILE)
+    size = registry.manifest_size("shape/x", "child")
+    index = registry.push_index("shape/x", "index", [(child, size, "linux/amd64")])
+    for selector in (":index", f"@{index}"):
+        with pytest.raises(artifacts.InvalidArtifact) as info:
+            fetcher(registry.address).fetch(parse(f"{registry.address}/shape/x{selector}"))
+        assert f"is an image index ({artifacts.OCI_INDEX})" in str(info.value)
+        assert "no platform is picked" in str(info.value)
+
+
+def test_pinned_digest_not_in_registry(registry: LocalRegistry) -> None:
     registry.push_profile("pin/me", "t", PROFILE)
     other = "sha256:" + "1" * 64
     # the registry has no such manifest: NotFound, never some other content
     with pytest.raises(artifacts.NotFound):
-        fetcher(registry.address).fetch(parse(f"{registry.address}/pin/me@{other}"))
+        fetcher(registry.address).fetch(parse(f"{registry.address}/pin/me:t@{other}"))
 
 
 def test_manifest_not_matching_pinned_digest_is_refused() -> None:
@@ -90,29 +190,25 @@ def test_manifest_not_matching_pinned_digest_is_refused() -> None:
             fetcher(bad.address).fetch(parse(f"{bad.address}/x/y@{pinned}"))
         assert "manifest digest mismatch: got sha256:" in str(info.value)
         assert not bad.seen("/blobs/")
+        # the same check with sha512: the digest is computed with the pinned algorithm
+        import hashlib
+
+        real512 = "sha512:" + hashlib.sha512(bad.manifest).hexdigest()
+        art = fetcher(bad.address).fetch(parse(f"{bad.address}/x/y@{real512}"))
+        assert art.manifest_digest == real512 and art.data == bad.profile
+        with pytest.raises(artifacts.InvalidArtifact, match="manifest digest mismatch"):
+            fetcher(bad.address).fetch(parse(f"{bad.address}/x/y@sha512:{'3' * 128}"))
 
 
 def test_missing_tag_not_found(registry: LocalRegistry) -> None:
     with pytest.raises(artifacts.NotFound) as info:
         fetcher(registry.address).fetch(parse(f"{registry.address}/nope/nope:wrong"))
-    assert "HTTP 404" in str(info.value) and "manifests/wrong" in str(info.value)
-
-
-def test_no_layers_and_index_refused(registry: LocalRegistry) -> None:
-    config = registry.push_blob("shape/x", b"{}\n")
-    registry.push_manifest("shape/x", "nolayers", {
-        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": artifacts.SECCOMP_CONFIG_MEDIA_TYPE, "digest": config,
-                   "size": 3}, "layers": []})
-    with pytest.raises(artifacts.InvalidArtifact, match="artifact has no layers"):
-        fetcher(registry.address).fetch(parse(f"{registry.address}/shape/x:nolayers"))
-    child = registry.push_profile("shape/x", "child", PROFILE)
-    registry.push_manifest("shape/x", "index", {
-        "schemaVersion": 2, "mediaType": artifacts.OCI_INDEX,
-        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
-                       "digest": child, "size": 1}]}, media_type=artifacts.OCI_INDEX)
-    with pytest.raises(artifacts.InvalidArtifact, match="is an image index"):
-        fetcher(registry.address).fetch(parse(f"{registry.address}/shape/x:index"))
+    exc = info.value
+    assert str(exc).startswith(f"{registry.address}/nope/nope:wrong: not found (GET http://")
+    assert "HTTP 404" in str(exc) and "manifests/wrong" in str(exc)
+    assert "NAME_UNKNOWN" in str(exc) or "MANIFEST_UNKNOWN" in str(exc)
+    assert (exc.registry, exc.status) == (registry.address, 404)
+    assert exc.url == f"http://{registry.address}/v2/nope/nope/manifests/wrong"
 
 
 def test_stopped_registry_fails_fast() -> None:
@@ -122,94 +218,293 @@ def test_stopped_registry_fails_fast() -> None:
     t0 = time.monotonic()
     with pytest.raises(artifacts.RegistryUnavailable) as info:
         fetcher(address).fetch(parse(f"{address}/a/b:t"))
-    assert time.monotonic() - t0 < 1.0
-    assert "Connection refused" in str(info.value)
+    assert time.monotonic() - t0 < 0.5, "no retries, no sleeps"
+    assert f"cannot reach {address}: Connection refused" in str(info.value)
+
+
+# ---- policy ------------------------------------------------------------------------
 
 
 def test_allow_list_refuses_before_any_request(registry: LocalRegistry) -> None:
-    before = registry.requests_seen(r"GET /v2/")
+    registry.push_profile("crio/allowed", "v1", PROFILE)
+    before = registry.requests_seen(r"[A-Z]+ /v2/")
     f = fetcher(registry.address, allowed=("ghcr.io/acme/*",))
-    with pytest.raises(artifacts.PolicyError) as info:
-        f.fetch(parse(f"{registry.address}/crio/blog:v1"))
-    assert f"repository {registry.address}/crio/blog is not in the allowed registries" in str(
-        info.value)
-    with pytest.raises(artifacts.PolicyError, match="a digest reference"):
+    for call in (f.fetch, f.fetch_manifest_digest):
+        with pytest.raises(artifacts.PolicyError) as info:
+            call(parse(f"{registry.address}/crio/allowed:v1"))
+        assert (f"repository {registry.address}/crio/allowed is not in the allowed registries "
+                "(ghcr.io/acme/*)") in str(info.value)
+    with pytest.raises(artifacts.PolicyError, match=r"a digest reference \(@sha256:…\) is "
+                       r"required by the configuration \(registry.require_digest\)"):
         fetcher(registry.address, require_digest=True).fetch(
-            parse(f"{registry.address}/crio/blog:v1"))
-    assert registry.requests_seen(r"GET /v2/") == before
+            parse(f"{registry.address}/crio/allowed:v1"))
+    assert registry.requests_seen(r"[A-Z]+ /v2/") == before
+    # patterns are globs over registry/repository
+    allowed = fetcher(registry.address, allowed=("ghcr.io/*", "127.0.0.1:*/crio/*"))
+    assert allowed.fetch(parse(f"{registry.address}/crio/allowed:v1")).data == PROFILE
 
 
-@pytest.fixture(scope="module")
-def auth_registry(tmp_path_factory: pytest.TempPathFactory) -> LocalRegistry:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        import crypt  # bcrypt, as docker-registry's htpasswd wants; stdlib up to 3.12
+# ---- authentication -----------------------------------------------------------------
 
-        hashed = crypt.crypt("s3cret", crypt.mksalt(crypt.METHOD_BLOWFISH))
-    reg = LocalRegistry(htpasswd=f"alice:{hashed}\n").start()
-    reg.auth = ("alice", "s3cret")
+
+def test_basic_auth_with_docker_config(htpasswd_registry: LocalRegistry, tmp_path: Path) -> None:
+    reg = htpasswd_registry
     reg.push_profile("private/prof", "v1", PROFILE)
-    return reg
+    ref = parse(f"{reg.address}/private/prof:v1")
+    with pytest.raises(artifacts.Unauthorized) as info:
+        fetcher(reg.address).fetch(ref)
+    assert f"registry {reg.address} requires authentication and no credentials are " \
+           "configured for it (registry.docker_config)" in str(info.value)
 
+    config = docker_config(tmp_path / "config.json", {reg.address: REGISTRY_USER})
+    f = fetcher(reg.address, docker_config=str(config))
+    assert f.fetch(ref).data == PROFILE
+    assert f.fetch(ref).data == PROFILE
 
-def test_basic_auth_with_docker_config(auth_registry: LocalRegistry, tmp_path: Path) -> None:
-    ref = parse(f"{auth_registry.address}/private/prof:v1")
-    with pytest.raises(artifacts.Unauthorized, match="no credentials are configured"):
-        fetcher(auth_registry.address).fetch(ref)
-    config = tmp_path / "config.json"
-    token = base64.b64encode(b"alice:s3cret").decode()
-    config.write_text(json.dumps({"auths": {auth_registry.address: {"auth": token}}}))
-    art = fetcher(auth_registry.address, docker_config=str(config)).fetch(ref)
-    assert art.data == PROFILE
-    wrong = tmp_path / "wrong.json"
-    wrong.write_text(json.dumps({"auths": {auth_registry.address: {
-        "auth": base64.b64encode(b"alice:nope").decode()}}}))
-    with pytest.raises(artifacts.Unauthorized, match="HTTP 401"):
-        fetcher(auth_registry.address, docker_config=str(wrong)).fetch(ref)
+    wrong = docker_config(tmp_path / "wrong.json", {reg.address: ("alice", "nope")})
+    with pytest.raises(artifacts.Unauthorized) as info:
+        fetcher(reg.address, docker_config=str(wrong)).fetch(ref)
+    assert "HTTP 401" in str(info.value)
+    assert f"the credentials for {reg.address} from {wrong} were refused" in str(info.value)
+
     # credentials for another host are never used here
-    other = tmp_path / "other.json"
-    other.write_text(json.dumps({"auths": {"ghcr.io": {"auth": token}}}))
+    other = docker_config(tmp_path / "other.json", {"ghcr.io": REGISTRY_USER})
     with pytest.raises(artifacts.Unauthorized, match="no credentials are configured"):
-        fetcher(auth_registry.address, docker_config=str(other)).fetch(ref)
-    auth_registry.close()
+        fetcher(reg.address, docker_config=str(other)).fetch(ref)
 
 
-BAD = [
-    ("hang", artifacts.RegistryUnavailable, "did not answer within 0.50s"),
-    ("trickle", artifacts.RegistryUnavailable, "deadline"),
-    ("status:500", artifacts.RegistryUnavailable, "HTTP 500"),
-    ("status:429", artifacts.RegistryUnavailable, "HTTP 429"),
-    ("status:401", artifacts.Unauthorized, "no credentials are configured"),
-    ("status:404", artifacts.NotFound, "HTTP 404"),
-    ("reset", artifacts.RegistryUnavailable, "cannot reach"),
-    ("lying-size", artifacts.InvalidArtifact, "sent more than its advertised size"),
-    ("bad-digest", artifacts.InvalidArtifact, "layer digest mismatch"),
-]
+def test_docker_config_is_reread_when_it_changes(htpasswd_registry: LocalRegistry,
+                                                 tmp_path: Path) -> None:
+    reg = htpasswd_registry
+    reg.push_profile("private/rotate", "v1", PROFILE)
+    ref = parse(f"{reg.address}/private/rotate:v1")
+    path = docker_config(tmp_path / "config.json", {reg.address: ("alice", "old")})
+    f = fetcher(reg.address, docker_config=str(path))
+    with pytest.raises(artifacts.Unauthorized):
+        f.fetch(ref)
+    docker_config(path, {reg.address: REGISTRY_USER})
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 1_000_000))
+    assert f.fetch(ref).data == PROFILE
 
 
-@pytest.mark.parametrize(("mode", "error", "message"), BAD, ids=[b[0] for b in BAD])
-def test_misbehaving_registry(mode: str, error: type[Exception], message: str) -> None:
-    with BadRegistry(mode, interval=0.2) as bad:
-        t0 = time.monotonic()
-        with pytest.raises(error) as info:
-            fetcher(bad.address, timeout=0.5).fetch(parse(f"{bad.address}/x/y:t"),
-                                                     deadline=time.monotonic() + 1.5)
-        elapsed = time.monotonic() - t0
-    assert message in str(info.value)
-    assert elapsed < 1.8, f"{mode} took {elapsed:.2f}s"
+def test_docker_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"cannot read docker config .*missing\.json"):
+        fetcher(docker_config=str(tmp_path / "missing.json"))
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"auths": {"r.io": {"auth": "not base64!"}}}')
+    with pytest.raises(ValueError, match=r"'r\.io': \"auth\" is not base64"):
+        fetcher(docker_config=str(bad))
+    helper = tmp_path / "helper.json"
+    helper.write_text(json.dumps({"auths": {}, "credHelpers": {"127.0.0.1:1": "gcloud"}}))
+    with BadRegistry("status:401") as bad_reg:
+        helper.write_text(json.dumps({"auths": {}, "credHelpers": {bad_reg.address: "gcloud"}}))
+        with pytest.raises(artifacts.Unauthorized,
+                           match=r"credential helper \(credHelpers\), which is not supported"):
+            fetcher(bad_reg.address, docker_config=str(helper)).fetch(
+                parse(f"{bad_reg.address}/x/y:t"))
+
+
+def test_bearer_token_auth(token_registry: LocalRegistry, tmp_path: Path) -> None:
+    reg = token_registry
+    assert reg.token_server is not None
+    tokens = reg.token_server
+    reg.push_profile("tok/prof", "v1", PROFILE)
+    ref = parse(f"{reg.address}/tok/prof:v1")
+    with pytest.raises(artifacts.Unauthorized) as info:
+        fetcher(reg.address).fetch(ref)
+    assert f"token server {tokens.realm} answered HTTP 401; registry {reg.address} requires " \
+           "authentication and no credentials are configured" in str(info.value)
+
+    config = docker_config(tmp_path / "config.json", {reg.address: REGISTRY_USER})
+    f = fetcher(reg.address, docker_config=str(config))
+    seen = len(tokens.requests)
+    assert f.fetch(ref).data == PROFILE
+    assert f.fetch_manifest_digest(ref) == f.fetch(ref).manifest_digest
+    # one token for the repository, reused for its manifest, blob and later fetches
+    asked = tokens.requests[seen:]
+    assert len(asked) == 1
+    assert asked[0]["scope"] == "repository:tok/prof:pull"
+    assert asked[0]["service"] == "test-registry"
+    assert asked[0]["authorization"].startswith("Basic ")
+
+    # another repository: the registry challenges again, a token for that scope is fetched
+    reg.push_profile("tok/other", "v1", PROFILE)
+    seen = len(tokens.requests)
+    assert f.fetch(parse(f"{reg.address}/tok/other:v1")).data == PROFILE
+    assert [a["scope"] for a in tokens.requests[seen:]] == ["repository:tok/other:pull"]
+
+    wrong = docker_config(tmp_path / "wrong.json", {reg.address: ("alice", "nope")})
+    with pytest.raises(artifacts.Unauthorized) as info:
+        fetcher(reg.address, docker_config=str(wrong)).fetch(ref)
+    assert f"token server {tokens.realm} answered HTTP 401; the credentials for " \
+           f"{reg.address} from {wrong} were refused" in str(info.value)
+
+
+def test_bearer_token_flow(tmp_path: Path) -> None:
+    tokens = TokenServer(tmp_path, users={"bob": "pw"})
+    with tokens, LocalRegistry(auth_config=tokens.registry_auth()) as reg:
+        # push with a token of our own, as a CI pipeline would
+        push_token = requests.get(
+            tokens.realm, params={"service": "test-registry",
+                                  "scope": "repository:tok/p:push,pull"},
+            auth=("bob", "pw"), timeout=5).json()["token"]
+        reg.push_headers = {"Authorization": f"Bearer {push_token}"}
+        reg.push_profile("tok/p", "v1", PROFILE)
+        ref = parse(f"{reg.address}/tok/p:v1")
+        with pytest.raises(artifacts.Unauthorized, match=r"token server .* HTTP 401"):
+            fetcher(reg.address).fetch(ref)
+        config = docker_config(tmp_path / "config.json", {reg.address: ("bob", "pw")})
+        f = fetcher(reg.address, docker_config=str(config))
+        assert f.fetch(ref).data == PROFILE
+        asked = tokens.requests[-1]
+        assert asked["service"] == "test-registry"
+        assert asked["scope"] == "repository:tok/p:pull"
+        assert asked["authorization"].startswith("Basic ")
+        # the token is reused for the next fetch of the same repository
+        count = len(tokens.requests)
+        assert f.fetch(ref).data == PROFILE
+        assert len(tokens.requests) == count
 
 
 def test_redirect_to_other_host_drops_credentials(tmp_path: Path) -> None:
     with BadRegistry("ok", host="127.0.0.2") as target, \
          BadRegistry("redirect", target=target.address) as front:
-        config = tmp_path / "config.json"
-        config.write_text(json.dumps({"auths": {front.address: {
-            "auth": base64.b64encode(b"u:p").decode()}}}))
-        art = fetcher(front.address, target.address, docker_config=str(config)).fetch(
-            parse(f"{front.address}/x/y:t"))
+        config = docker_config(tmp_path / "config.json", {front.address: ("u", "p")})
+        f = fetcher(front.address, target.address, docker_config=str(config))
+        # the front asks for no credentials; give it some to carry by a cached header
+        f._auth[(front.address, "repository:x/y:pull")] = "Basic dTpw"
+        art = f.fetch(parse(f"{front.address}/x/y:t"))
         assert art.data == target.profile
+        assert front.seen("/blobs/")[0]["authorization"] == "Basic dTpw"
         assert target.seen("/blobs/"), "the blob was not fetched from the other host"
         assert all("authorization" not in h for h in target.seen("/blobs/"))
+
+
+def test_redirect_target_asking_for_credentials_gets_none(tmp_path: Path) -> None:
+    with BadRegistry("status:401", host="127.0.0.2") as target, \
+         BadRegistry("redirect", target=target.address) as front:
+        config = docker_config(tmp_path / "config.json", {front.address: ("u", "p"),
+                                                          target.address: ("t", "t")})
+        with pytest.raises(artifacts.Unauthorized) as info:
+            fetcher(front.address, target.address, docker_config=str(config)).fetch(
+                parse(f"{front.address}/x/y:t"))
+        assert f"access denied by http://{target.address}, where {front.address} " \
+               "redirected the download; no credentials are sent there" in str(info.value)
+        assert len(target.seen("/blobs/")) == 1
+        assert all("authorization" not in h for h in target.seen("/blobs/"))
+
+
+# ---- registries that misbehave ------------------------------------------------------
+
+BAD = [
+    ("hang", artifacts.RegistryUnavailable, "did not answer within 0.40s"),
+    ("trickle", artifacts.RegistryUnavailable, "did not answer before the deadline"),
+    ("trickle-blob", artifacts.RegistryUnavailable, "deadline passed after"),
+    ("stall-body", artifacts.RegistryUnavailable, "layer download failed after 0 bytes"),
+    ("status:500", artifacts.RegistryUnavailable, "registry unavailable (GET http://"),
+    ("status:429", artifacts.RegistryUnavailable, "HTTP 429: TEST: status 429); retry after 30"),
+    ("status:401", artifacts.Unauthorized, "no credentials are configured"),
+    ("status:404", artifacts.NotFound, "HTTP 404"),
+    ("reset", artifacts.RegistryUnavailable, "cannot reach"),
+    ("lying-size", artifacts.InvalidArtifact, "layer sent more than its advertised size"),
+    ("oversize-length", artifacts.InvalidArtifact, "more than its advertised size of"),
+    ("short", artifacts.InvalidArtifact, "the descriptor says"),
+    ("bad-digest", artifacts.InvalidArtifact, "layer digest mismatch: descriptor says sha256:"),
+    ("index", artifacts.InvalidArtifact, "is an image index"),
+]
+
+
+@pytest.mark.parametrize(("mode", "error", "message"), BAD, ids=[b[0] for b in BAD])
+def test_misbehaving_registry(mode: str, error: type[Exception], message: str) -> None:
+    with BadRegistry(mode, interval=0.1) as bad:
+        t0 = time.monotonic()
+        with pytest.raises(error) as info:
+            fetcher(bad.address, timeout=0.4).fetch(parse(f"{bad.address}/x/y:t"),
+                                                     deadline=time.monotonic() + 1.0)
+        elapsed = time.monotonic() - t0
+    assert message in str(info.value)
+    assert str(info.value).startswith(f"{bad.address}/x/y:t: ")
+    assert elapsed < 1.2, f"{mode} took {elapsed:.2f}s"
+
+
+@pytest.mark.parametrize("mode", ["trickle", "trickle-blob"])
+def test_one_byte_per_second_never_exceeds_the_deadline(mode: str) -> None:
+    # each read arrives well within the per-call timeout: only the deadline stops it
+    with BadRegistry(mode, interval=1.0) as bad:
+        t0 = time.monotonic()
+        with pytest.raises(artifacts.RegistryUnavailable, match="deadline"):
+            fetcher(bad.address, timeout=5.0).fetch(parse(f"{bad.address}/x/y:t"),
+                                                     deadline=time.monotonic() + 1.2)
+        assert time.monotonic() - t0 < 1.4
+
+
+def test_errors_carry_registry_url_status() -> None:
+    with BadRegistry("status:500") as bad, \
+            pytest.raises(artifacts.RegistryUnavailable) as info:
+        fetcher(bad.address).fetch(parse(f"{bad.address}/x/y:t"))
+    exc = info.value
+    assert exc.reference == f"{bad.address}/x/y:t"
+    assert (exc.registry, exc.status) == (bad.address, 500)
+    assert exc.url == f"http://{bad.address}/v2/x/y/manifests/t"
+
+
+# ---- tag re-checks ------------------------------------------------------------------
+
+
+def test_fetch_manifest_digest(registry: LocalRegistry) -> None:
+    d1 = registry.push_profile("recheck/p", "v1", PROFILE)
+    f = fetcher(registry.address)
+    ref = parse(f"{registry.address}/recheck/p:v1")
+    assert f.fetch_manifest_digest(ref) == d1
+    d2 = registry.push_profile("recheck/p", "v1", PROFILE + b" ")
+    assert f.fetch_manifest_digest(ref) == d2 != d1
+    # a HEAD: nothing is downloaded
+    assert registry.count("manifests", "recheck/p", method="HEAD") == 2
+    assert registry.count("manifests", "recheck/p") == 0
+    assert f.fetch_manifest_digest(parse(f"{registry.address}/recheck/p@{d1}")) == d1
+    with pytest.raises(artifacts.NotFound):
+        f.fetch_manifest_digest(parse(f"{registry.address}/recheck/p:nope"))
+    with BadRegistry("ok") as bad:
+        wrong = "sha256:" + "4" * 64
+        with pytest.raises(artifacts.InvalidArtifact, match="manifest digest mismatch"):
+            fetcher(bad.address).fetch_manifest_digest(parse(f"{bad.address}/x/y@{wrong}"))
+        assert fetcher(bad.address).fetch_manifest_digest(
+            parse(f"{bad.address}/x/y:t")) == bad.manifest_digest
+
+
+def test_layer_already_held_is_not_downloaded(registry: LocalRegistry) -> None:
+    registry.push_profile("held/p", "v1", PROFILE)
+    ref = parse(f"{registry.address}/held/p:v1")
+    f = fetcher(registry.address)
+    art = f.fetch(ref, have=lambda digest: PROFILE if digest == digest_of(PROFILE) else None)
+    assert art.data == PROFILE
+    assert registry.count("manifests", "held/p") == 1
+    assert registry.count("blobs", "held/p") == 0
+    # held bytes that do not hash to the descriptor are not trusted: downloaded instead
+    bad = b"X" * len(PROFILE)
+    assert f.fetch(ref, have=lambda digest: bad).data == PROFILE
+    assert registry.count("blobs", "held/p") == 1
+
+
+def test_redirect_loop_is_bounded() -> None:
+    with BadRegistry("redirect") as bad:
+        bad.target = bad.address
+        with pytest.raises(artifacts.ArtifactError, match="more than 3 redirects"):
+            fetcher(bad.address).fetch(parse(f"{bad.address}/x/y:t"))
+        assert len(bad.seen("/blobs/")) == 4
+
+
+def test_registry_counts_fetches(registry: LocalRegistry) -> None:
+    registry.push_profile("count/p", "v1", PROFILE)
+    f = fetcher(registry.address)
+    for _ in range(3):
+        f.fetch(parse(f"{registry.address}/count/p:v1"))
+    assert registry.count("manifests", "count/p") == 3
+    assert registry.count("blobs", "count/p") == 3
+    assert registry.count("blobs", "count/p", status=200) == 3
+
+
+# ---- TLS ----------------------------------------------------------------------------
 
 
 def _self_signed(tmp: Path) -> tuple[Path, Path]:
@@ -228,37 +523,24 @@ def test_tls_verified_by_default(tmp_path: Path) -> None:
         reg.push_profile("tls/p", "v1", PROFILE)
         ref = parse(f"{reg.address}/tls/p:v1")
         # an unknown CA is refused: verification is on unless configured otherwise
-        with pytest.raises(artifacts.RegistryUnavailable, match="TLS error"):
+        with pytest.raises(artifacts.RegistryUnavailable,
+                           match=f"TLS error talking to {reg.address}: certificate verify "
+                                 "failed"):
             fetcher().fetch(ref)
         assert fetcher(ca_file=str(cert)).fetch(ref).data == PROFILE
         assert fetcher(tls_verify=False).fetch(ref).data == PROFILE
 
 
-def test_bearer_token_flow(tmp_path: Path) -> None:
-    from nri_seccomp.testing.tokenserver import TokenServer
-
-    tokens = TokenServer(tmp_path, users={"bob": "pw"})
-    with tokens, LocalRegistry(auth_config=tokens.registry_auth()) as reg:
-        # push with a token of our own, as a CI pipeline would
-        push_token = requests.get(
-            tokens.realm, params={"service": "test-registry",
-                                  "scope": "repository:tok/p:push,pull"},
-            auth=("bob", "pw"), timeout=5).json()["token"]
-        reg.push_headers = {"Authorization": f"Bearer {push_token}"}
-        reg.push_profile("tok/p", "v1", PROFILE)
-        ref = parse(f"{reg.address}/tok/p:v1")
-        with pytest.raises(artifacts.Unauthorized, match=r"token server .* HTTP 401"):
-            fetcher(reg.address).fetch(ref)
-        config = tmp_path / "config.json"
-        config.write_text(json.dumps({"auths": {reg.address: {
-            "auth": base64.b64encode(b"bob:pw").decode()}}}))
-        f = fetcher(reg.address, docker_config=str(config))
-        assert f.fetch(ref).data == PROFILE
-        asked = tokens.requests[-1]
-        assert asked["service"] == "test-registry"
-        assert asked["scope"] == "repository:tok/p:pull"
-        assert asked["authorization"].startswith("Basic ")
-        # the token is reused for the next fetch of the same repository
-        count = len(tokens.requests)
-        assert f.fetch(ref).data == PROFILE
-        assert len(tokens.requests) == count
+def test_credentials_not_sent_to_plain_http_token_server(tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path)
+    with LocalRegistry(tls=(cert, key), users=dict([REGISTRY_USER]), token_auth=True) as reg:
+        assert reg.token_server is not None and reg.token_server.realm.startswith("http://")
+        reg.push_profile("tok/tls", "v1", PROFILE)
+        before = len(reg.token_server.requests)
+        config = docker_config(tmp_path / "config.json", {reg.address: REGISTRY_USER})
+        with pytest.raises(artifacts.Unauthorized) as info:
+            fetcher(ca_file=str(cert), docker_config=str(config)).fetch(
+                parse(f"{reg.address}/tok/tls:v1"))
+        assert f"token server {reg.token_server.realm} is plain HTTP; the credentials for " \
+               f"{reg.address} are not sent there" in str(info.value)
+        assert len(reg.token_server.requests) == before

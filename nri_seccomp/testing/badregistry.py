@@ -1,14 +1,24 @@
 """A registry that misbehaves on purpose, on 127.0.0.1, for the fault tests.
 
-Modes:
-  ``hang``      accept the connection and never answer
-  ``trickle``   answer correctly, one byte per ``interval`` seconds
-  ``status:N``  answer every request with HTTP N (500, 401, 404, 429, …)
-  ``reset``     reset the connection (TCP RST) after reading the request
-  ``redirect``  redirect blob downloads to another host (``target``), recording headers
-  ``lying-size``  the manifest advertises the layer's real size, the blob sends more
-  ``bad-digest``  the blob's bytes do not match the digest in the manifest
-  ``ok``        a correct artifact (for the redirect target)
+It serves one artifact (any repository, any tag) over raw sockets, so it can
+break HTTP in ways a real server never would. Modes:
+
+  ``ok``            a correct artifact (e.g. the target of ``redirect``)
+  ``hang``          accept the connection, read the request, never answer
+  ``trickle``       answer correctly, one byte per ``interval`` seconds, headers included
+  ``trickle-blob``  manifest at once; the blob's body one byte per ``interval``
+  ``stall-body``    the blob's headers (with Content-Length), then no body at all
+  ``status:N``      answer every request with HTTP N (500, 401 Basic, 404, 429 Retry-After)
+  ``reset``         reset the connection (TCP RST) after reading the request
+  ``redirect``      redirect blob downloads to ``target`` (another host), which records headers
+  ``lying-size``    the descriptor has the real size; the blob streams 2 MiB more, chunked
+                    (no Content-Length: only counting tells)
+  ``oversize-length``  as ``lying-size`` but with an honest, larger Content-Length
+  ``short``         the blob ends before the descriptor's size
+  ``bad-digest``    the blob's bytes do not match the digest in the manifest
+  ``index``         the manifest is an OCI image index
+
+Requests are recorded (``requests``, ``seen``) to show what reached it.
 """
 
 from __future__ import annotations
@@ -23,7 +33,10 @@ from types import TracebackType
 from typing import Any
 
 SECCOMP_CONFIG = "application/vnd.cncf.seccomp-profile.config.v1+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 PROFILE = b'{"defaultAction": "SCMP_ACT_ALLOW"}'
+EXTRA = 2 * 1024 * 1024
 
 
 def _digest(data: bytes) -> str:
@@ -37,20 +50,27 @@ class BadRegistry:
         self.profile = profile
         self.interval = interval
         self.target = target
+        #: (request line, lower-cased headers), in arrival order
         self.requests: list[tuple[str, dict[str, str]]] = []
         self._lock = threading.Lock()
         self.config = b"{}\n"
-        layer_digest = _digest(profile)
-        if mode == "bad-digest":
-            layer_digest = _digest(profile + b" ")
-        self.layer_digest = layer_digest
-        self.manifest = json.dumps({
+        self.layer_digest = _digest(profile + b" " if mode == "bad-digest" else profile)
+        manifest: dict[str, Any] = {
             "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": {"mediaType": SECCOMP_CONFIG, "digest": _digest(self.config), "size": 3},
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": SECCOMP_CONFIG, "digest": _digest(self.config),
+                       "size": len(self.config)},
             "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
-                        "digest": layer_digest, "size": len(profile)}],
-        }).encode()
+                        "digest": self.layer_digest, "size": len(profile),
+                        "annotations": {"org.opencontainers.image.title": "seccomp.json"}}],
+        }
+        if mode == "index":
+            manifest = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+                {"mediaType": OCI_MANIFEST, "digest": _digest(json.dumps(manifest).encode()),
+                 "size": len(json.dumps(manifest)),
+                 "platform": {"os": "linux", "architecture": "amd64"}}]}
+        self.manifest = json.dumps(manifest).encode()
+        self.manifest_digest = _digest(self.manifest)
         outer = self
 
         class Handler(socketserver.BaseRequestHandler):
@@ -63,7 +83,9 @@ class BadRegistry:
 
         self._server = Server((host, 0), Handler)
         self.address = f"{host}:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        # a short poll: shutdown() waits for it, once per test
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
+                                        daemon=True)
         self._stop = threading.Event()
 
     def __enter__(self) -> BadRegistry:
@@ -76,6 +98,11 @@ class BadRegistry:
         self._server.shutdown()
         self._server.server_close()
 
+    def seen(self, fragment: str) -> list[dict[str, str]]:
+        """Headers of the requests whose request line contains ``fragment``."""
+        with self._lock:
+            return [h for line, h in self.requests if fragment in line]
+
     # ---- one connection ------------------------------------------------------
 
     def _read_request(self, conn: socket.socket) -> tuple[str, dict[str, str]] | None:
@@ -86,6 +113,8 @@ class BadRegistry:
             if not chunk:
                 return None
             buf += chunk
+            if len(buf) > 65536:
+                return None
         head = buf.split(b"\r\n\r\n", 1)[0].decode(errors="replace").split("\r\n")
         headers = {}
         for line in head[1:]:
@@ -109,10 +138,14 @@ class BadRegistry:
 
     def _answer(self, conn: socket.socket, line: str) -> bool:
         mode = self.mode
+        method, _, rest = line.partition(" ")
+        path = rest.split(" ")[0]
+        head = method == "HEAD"
         if mode == "hang":
             self._stop.wait(60)
             return False
         if mode == "reset":
+            # SO_LINGER 0: close() sends RST instead of FIN
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             conn.close()
             return False
@@ -122,26 +155,43 @@ class BadRegistry:
             if code == 429:
                 extra["Retry-After"] = "30"
             body = json.dumps({"errors": [{"code": "TEST", "message": f"status {code}"}]})
-            return self._send(conn, code, body.encode(), extra)
-        path = line.split(" ")[1]
+            return self._send(conn, code, body.encode(), extra, head=head)
         if path == "/v2/":
-            return self._send(conn, 200, b"{}")
+            return self._send(conn, 200, b"{}", head=head)
         if "/manifests/" in path:
-            return self._send(conn, 200, self.manifest,
-                              {"Content-Type": "application/vnd.oci.image.manifest.v1+json"})
+            return self._send(conn, 200, self.manifest, {
+                "Content-Type": OCI_INDEX if mode == "index" else OCI_MANIFEST,
+                "Docker-Content-Digest": self.manifest_digest}, head=head)
         if "/blobs/" in path:
-            if mode == "redirect":
-                return self._send(conn, 307, b"", {"Location": f"http://{self.target}{path}"})
-            data = self.profile
-            if mode == "lying-size":
-                data = self.profile + b" " * (2 * 1024 * 1024)
-                # no Content-Length: the client only learns by counting
-                return self._send(conn, 200, data, chunked=True)
-            return self._send(conn, 200, data)
-        return self._send(conn, 404, b'{"errors": [{"code": "NAME_UNKNOWN"}]}')
+            return self._blob(conn, path, head)
+        return self._send(conn, 404, b'{"errors": [{"code": "NAME_UNKNOWN"}]}', head=head)
+
+    def _blob(self, conn: socket.socket, path: str, head: bool) -> bool:
+        mode = self.mode
+        data = self.profile
+        if mode == "redirect":
+            return self._send(conn, 307, b"", {"Location": f"http://{self.target}{path}"},
+                              head=head)
+        if mode == "lying-size":
+            return self._send(conn, 200, data + b" " * EXTRA, chunked=True, head=head)
+        if mode == "oversize-length":
+            return self._send(conn, 200, data + b" " * EXTRA, head=head)
+        if mode == "short":
+            return self._send(conn, 200, data[: len(data) // 2], head=head)
+        if mode == "stall-body":
+            try:
+                conn.sendall(f"HTTP/1.1 200 OK\r\nContent-Length: {len(data)}\r\n\r\n".encode())
+            except OSError:
+                return False
+            self._stop.wait(60)
+            return False
+        if mode == "trickle-blob":
+            return self._send(conn, 200, data, head=head, trickle_body=True)
+        return self._send(conn, 200, data, head=head)
 
     def _send(self, conn: socket.socket, code: int, body: bytes,
-              headers: dict[str, Any] | None = None, chunked: bool = False) -> bool:
+              headers: dict[str, Any] | None = None, chunked: bool = False,
+              head: bool = False, trickle_body: bool = False) -> bool:
         lines = [f"HTTP/1.1 {code} X"]
         for k, v in (headers or {}).items():
             lines.append(f"{k}: {v}")
@@ -154,22 +204,26 @@ class BadRegistry:
         else:
             lines.append(f"Content-Length: {len(body)}")
             payload = body
-        data = ("\r\n".join(lines) + "\r\n\r\n").encode() + payload
+        header_bytes = ("\r\n".join(lines) + "\r\n\r\n").encode()
+        if head:
+            payload = b""
         try:
             if self.mode == "trickle":
-                for i in range(len(data)):
-                    if self._stop.wait(self.interval):
-                        return False
-                    conn.sendall(data[i : i + 1])
-            else:
-                conn.sendall(data)
+                return self._trickle(conn, header_bytes + payload)
+            conn.sendall(header_bytes)
+            if trickle_body:
+                return self._trickle(conn, payload)
+            conn.sendall(payload)
         except OSError:
             return False
         return True
 
-    def seen(self, fragment: str) -> list[dict[str, str]]:
-        with self._lock:
-            return [h for line, h in self.requests if fragment in line]
+    def _trickle(self, conn: socket.socket, data: bytes) -> bool:
+        for i in range(len(data)):
+            if self._stop.wait(self.interval):
+                return False
+            conn.sendall(data[i : i + 1])
+        return True
 
 
 __all__ = ["BadRegistry"]

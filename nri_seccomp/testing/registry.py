@@ -1,33 +1,52 @@
-"""Debian's docker-registry (CNCF distribution) on 127.0.0.1, and ways to push to it.
+"""Debian's docker-registry (CNCF distribution 2.8) on 127.0.0.1, and ways to push to it.
 
 ``push_profile`` speaks the distribution API directly, so tests can push
-deliberately wrong artifacts (media types, sizes, indexes); ``push_with_oras``
-pushes the way users do, with oras-py. The registry's access log is kept so a
-test can count the requests that reached it.
+deliberately wrong artifacts (media types, no layers, sizes that lie, indexes);
+``push_with_oras`` pushes the way users do, with oras-py.
+
+Authentication, both as a real registry does it: ``users=`` alone turns on
+htpasswd (Basic); with ``token_auth=True`` the registry wants Bearer tokens from
+a token server started alongside (``tokenserver.TokenServer``), which checks the
+same users and signs JWTs the registry verifies. ``auth_config`` takes any raw
+``auth:`` section instead.
+
+Counting: the registry's access log (one line per request) is kept, so a test
+can count the requests that reached it (``count``, ``requests_seen``).
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import hashlib
+import importlib
 import json
-import os
 import re
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import requests
+
+if TYPE_CHECKING:
+    # imported when used: it needs the cryptography package, the demo does not
+    from nri_seccomp.testing.tokenserver import TokenServer
 
 SECCOMP_CONFIG = "application/vnd.cncf.seccomp-profile.config.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
+TITLE = "org.opencontainers.image.title"
 BINARY = "docker-registry"
+#: the CRI-O blog's config blob: "{}" and a newline
+CRIO_CONFIG = b"{}\n"
 
 
 def free_port() -> int:
@@ -44,67 +63,136 @@ class RegistryError(Exception):
     pass
 
 
+def htpasswd_line(user: str, password: str) -> str:
+    """A bcrypt htpasswd line, the only hash docker-registry accepts.
+
+    The ``bcrypt`` package if installed, else the standard library's ``crypt``
+    (glibc's libxcrypt does bcrypt; the module is gone in Python 3.13). Cost 4,
+    not the default 12: the registry checks the hash on every request.
+    """
+    try:
+        bcrypt = importlib.import_module("bcrypt")
+        hashed: str = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=4)).decode()
+    except ImportError:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            import crypt
+
+            hashed = crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=16))
+        if not hashed or not hashed.startswith("$2"):
+            raise RegistryError("no bcrypt available: pip install bcrypt") from None
+    return f"{user}:{hashed}\n"
+
+
+def docker_config(path: Path, auths: Mapping[str, tuple[str, str]]) -> Path:
+    """Write a docker config.json with Basic ``auths`` (host → (user, password))."""
+    path.write_text(json.dumps({"auths": {
+        host: {"auth": base64.b64encode(f"{u}:{p}".encode()).decode()}
+        for host, (u, p) in auths.items()
+    }}))
+    return path
+
+
 class LocalRegistry:
-    def __init__(self, htpasswd: str | None = None, port: int | None = None,
-                 root: Path | None = None, tls: tuple[Path, Path] | None = None,
-                 auth_config: str | None = None) -> None:
+    """``docker-registry serve`` on 127.0.0.1 with a free port and a temporary storage dir."""
+
+    def __init__(
+        self,
+        htpasswd: str | None = None,
+        port: int | None = None,
+        root: Path | None = None,
+        tls: tuple[Path, Path] | None = None,
+        auth_config: str | None = None,
+        *,
+        users: Mapping[str, str] | None = None,
+        token_auth: bool = False,
+    ) -> None:
         self._tmp = Path(tempfile.mkdtemp(prefix="nri-seccomp-registry-"))
         self.root = root or self._tmp / "data"
+        self._fixed_port = port
         self.port = port or free_port()
-        self.address = f"127.0.0.1:{self.port}"
         self.log_path = self._tmp / "access.log"
         self._htpasswd = htpasswd
+        if users and not token_auth:
+            self._htpasswd = "".join(htpasswd_line(u, p) for u, p in users.items())
         #: a raw "auth:" section (e.g. TokenServer.registry_auth())
         self._auth_config = auth_config
         #: (certificate, key): serve HTTPS
         self.tls = tls
         self.scheme = "https" if tls else "http"
         self._proc: subprocess.Popen[bytes] | None = None
-        self.auth: tuple[str, str] | None = None
-        #: extra headers for pushes (e.g. a bearer token)
+        #: Basic credentials the push helpers use (the first user's, if any)
+        self.auth: tuple[str, str] | None = next(iter(users.items())) if users else None
+        #: extra headers for pushes (e.g. a bearer token); replaces automatic push tokens
         self.push_headers: dict[str, str] = {}
+        self.token_server: TokenServer | None = None
+        self._push_tokens: dict[str, str] = {}
+        if token_auth:
+            from nri_seccomp.testing.tokenserver import TokenServer
+
+            self.token_server = TokenServer(self._tmp, dict(users) if users else None)
+            self.token_server.__enter__()
+            self._auth_config = self.token_server.registry_auth()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
 
     # ---- process -----------------------------------------------------------
 
-    def start(self) -> LocalRegistry:
-        if shutil.which(BINARY) is None:
-            raise RegistryError(f"{BINARY} not found: apt-get install docker-registry")
+    def _config(self) -> Path:
         auth = ""
-        if self._htpasswd is not None:
+        if self._auth_config is not None:
+            auth = self._auth_config
+        elif self._htpasswd is not None:
             path = self._tmp / "htpasswd"
             path.write_text(self._htpasswd)
             auth = f"auth: {{htpasswd: {{realm: test, path: {path}}}}}\n"
-        if self._auth_config is not None:
-            auth = self._auth_config
+        tls = f", tls: {{certificate: {self.tls[0]}, key: {self.tls[1]}}}" if self.tls else ""
         config = self._tmp / "config.yml"
         config.write_text(
             "version: 0.1\n"
             f"storage: {{filesystem: {{rootdirectory: {self.root}}}, delete: {{enabled: true}}}}\n"
-            f"http: {{addr: {self.address}"
-            + (f", tls: {{certificate: {self.tls[0]}, key: {self.tls[1]}}}" if self.tls else "")
-            + "}\n"
+            f"http: {{addr: {self.address}{tls}}}\n"
+            # the access log (stdout) is how requests are counted
             "log: {level: error, accesslog: {disabled: false}}\n" + auth
         )
-        log = open(self.log_path, "ab")  # noqa: SIM115 (owned by the process)
-        self._proc = subprocess.Popen([BINARY, "serve", str(config)], stdout=log,
-                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        log.close()
+        return config
+
+    def start(self) -> LocalRegistry:
+        if shutil.which(BINARY) is None:
+            raise RegistryError(f"{BINARY} not found: apt-get install docker-registry")
+        for _attempt in range(3):
+            if self._spawn():
+                return self
+            # someone took the free port between our probe and the registry's bind
+            if self._fixed_port is not None:
+                break
+            self.port = free_port()
+        raise RegistryError(f"{BINARY} did not start on {self.address}: "
+                            f"{self.log_path.read_text(errors='replace')[-2000:]}")
+
+    def _spawn(self) -> bool:
+        config = self._config()
+        with open(self.log_path, "ab") as log:
+            self._proc = subprocess.Popen([BINARY, "serve", str(config)], stdout=log,
+                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise RegistryError(f"{BINARY} exited: {self.log_path.read_text()[-2000:]}")
-            try:
+                self._proc = None
+                return False
+            with contextlib.suppress(requests.RequestException):
                 r = requests.get(f"{self.scheme}://{self.address}/v2/", timeout=0.5,
-                                 verify=False)
+                                 verify=self._verify)
                 if r.status_code in (200, 401):
-                    return self
-            except requests.RequestException:
-                pass
+                    return True
             time.sleep(0.05)
         self.stop()
         raise RegistryError(f"{BINARY} did not answer on {self.address} within 15 s")
 
     def stop(self) -> None:
+        """Stop the process; storage stays (``start`` again serves the same content)."""
         if self._proc is not None and self._proc.poll() is None:
             self._proc.terminate()
             try:
@@ -116,6 +204,9 @@ class LocalRegistry:
 
     def close(self) -> None:
         self.stop()
+        if self.token_server is not None:
+            self.token_server.__exit__(None, None, None)
+            self.token_server = None
         shutil.rmtree(self._tmp, ignore_errors=True)
 
     def __enter__(self) -> LocalRegistry:
@@ -127,11 +218,28 @@ class LocalRegistry:
 
     # ---- counting ------------------------------------------------------------
 
-    def requests_seen(self, pattern: str = r"GET /v2/[^ ]+/blobs/") -> int:
-        """How many access-log lines match ``pattern`` (e.g. blob downloads)."""
-        time.sleep(0.05)  # the registry logs after answering
+    def _log_text(self) -> str:
+        # the registry logs a request after answering it: wait until the log is still
         text = self.log_path.read_text(errors="replace")
-        return len(re.findall(r'"' + pattern, text))
+        for _ in range(20):
+            time.sleep(0.03)
+            again = self.log_path.read_text(errors="replace")
+            if again == text:
+                break
+            text = again
+        return text
+
+    def requests_seen(self, pattern: str = r"GET /v2/[^ ]+/blobs/") -> int:
+        """How many access-log request lines match ``pattern`` (a regex from the method on)."""
+        return len(re.findall(r'"' + pattern, self._log_text()))
+
+    def count(self, kind: str = "blobs", repo: str | None = None, method: str = "GET",
+              status: int | None = None) -> int:
+        """Requests for ``kind`` ("blobs" or "manifests") of ``repo`` (any if None)."""
+        name = re.escape(repo) if repo is not None else "[^ ]+"
+        code = str(status) if status is not None else r"\d{3}"
+        return len(re.findall(rf'"{method} /v2/{name}/{kind}/[^ ]+ HTTP/[0-9.]+" {code} ',
+                              self._log_text()))
 
     # ---- pushing ---------------------------------------------------------------
 
@@ -142,31 +250,50 @@ class LocalRegistry:
     def _url(self, path: str) -> str:
         return f"{self.scheme}://{self.address}/v2/{path}"
 
+    def _call(self, method: str, url: str, repo: str, **kw: Any) -> requests.Response:
+        headers = dict(kw.pop("headers", {}))
+        auth = None
+        if self.push_headers:
+            headers.update(self.push_headers)
+        elif self.token_server is not None:
+            headers["Authorization"] = f"Bearer {self._push_token(repo)}"
+        else:
+            auth = self.auth
+        return requests.request(method, url, headers=headers, auth=auth, timeout=10,
+                                verify=self._verify, **kw)
+
+    def _push_token(self, repo: str) -> str:
+        # asked like a CI pipeline would; these requests show in token_server.requests
+        assert self.token_server is not None
+        token = self._push_tokens.get(repo)
+        if token is None:
+            r = requests.get(self.token_server.realm, auth=self.auth, timeout=10, params={
+                "service": "test-registry", "scope": f"repository:{repo}:push,pull"})
+            r.raise_for_status()
+            token = self._push_tokens[repo] = str(r.json()["token"])
+        return token
+
     def push_blob(self, repo: str, data: bytes) -> str:
         digest = digest_of(data)
-        r = requests.post(self._url(f"{repo}/blobs/uploads/"), auth=self.auth, timeout=10,
-                          verify=self._verify, headers=self.push_headers)
+        r = self._call("POST", self._url(f"{repo}/blobs/uploads/"), repo)
         if r.status_code != 202:
             raise RegistryError(f"upload start: HTTP {r.status_code} {r.text[:200]}")
         location = r.headers["Location"]
         if location.startswith("/"):
             location = f"{self.scheme}://{self.address}{location}"
         sep = "&" if "?" in location else "?"
-        r = requests.put(f"{location}{sep}digest={digest}", data=data, auth=self.auth,
-                         headers={"Content-Type": "application/octet-stream",
-                                  **self.push_headers}, timeout=10,
-                         verify=self._verify)
+        r = self._call("PUT", f"{location}{sep}digest={digest}", repo, data=data,
+                       headers={"Content-Type": "application/octet-stream"})
         if r.status_code != 201:
             raise RegistryError(f"upload: HTTP {r.status_code} {r.text[:200]}")
         return digest
 
     def push_manifest(self, repo: str, tag: str, manifest: dict[str, Any] | bytes,
                       media_type: str = OCI_MANIFEST) -> str:
+        """PUT a manifest as given (bytes are sent verbatim); returns its digest."""
         body = manifest if isinstance(manifest, bytes) else json.dumps(manifest).encode()
-        r = requests.put(self._url(f"{repo}/manifests/{tag}"), data=body, auth=self.auth,
-                         headers={"Content-Type": media_type, **self.push_headers},
-                         timeout=10,
-                         verify=self._verify)
+        r = self._call("PUT", self._url(f"{repo}/manifests/{tag}"), repo, data=body,
+                       headers={"Content-Type": media_type})
         if r.status_code != 201:
             raise RegistryError(f"manifest: HTTP {r.status_code} {r.text[:300]}")
         return digest_of(body)
@@ -178,32 +305,57 @@ class LocalRegistry:
         profile: bytes,
         *,
         config_media_type: str = SECCOMP_CONFIG,
-        config: bytes = b"{}\n",
+        config_bytes: bytes = CRIO_CONFIG,
         layer_media_type: str = LAYER_TAR,
-        title: str = "seccomp.json",
+        title: str | None = "seccomp.json",
         layers: int = 1,
+        layer_size: int | None = None,
+        manifest_media_type: str | None = OCI_MANIFEST,
         annotations: dict[str, str] | None = None,
     ) -> str:
-        """The CRI-O blog's artifact shape by default; returns the manifest digest."""
-        config_digest = self.push_blob(repo, config)
+        """The CRI-O blog's artifact shape by default; returns the manifest digest.
+
+        Deliberately wrong shapes: ``layers=0`` (no layers; more than one adds
+        variants of the profile after it), ``layer_size`` (the descriptor
+        lies about the first layer's size), any media types,
+        ``manifest_media_type=None`` (the optional field left out).
+        """
+        config_digest = self.push_blob(repo, config_bytes)
         layer_descs = []
         for i in range(layers):
             data = profile if i == 0 else profile + b"\n" * i
-            layer_descs.append({
-                "mediaType": layer_media_type, "digest": self.push_blob(repo, data),
-                "size": len(data),
-                "annotations": {"org.opencontainers.image.title": title},
-            })
-        manifest: dict[str, Any] = {
-            "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
-            "config": {"mediaType": config_media_type, "digest": config_digest,
-                       "size": len(config)},
-            "layers": layer_descs,
-        }
+            desc: dict[str, Any] = {"mediaType": layer_media_type,
+                                    "digest": self.push_blob(repo, data), "size": len(data)}
+            if i == 0 and layer_size is not None:
+                desc["size"] = layer_size
+            if title is not None:
+                desc["annotations"] = {TITLE: title if i == 0 else f"{i}-{title}"}
+            layer_descs.append(desc)
+        manifest: dict[str, Any] = {"schemaVersion": 2}
+        if manifest_media_type is not None:
+            manifest["mediaType"] = manifest_media_type
+        manifest["config"] = {"mediaType": config_media_type, "digest": config_digest,
+                              "size": len(config_bytes)}
+        manifest["layers"] = layer_descs
         if annotations:
             manifest["annotations"] = annotations
-        return self.push_manifest(repo, tag, manifest)
+        return self.push_manifest(repo, tag, manifest, manifest_media_type or OCI_MANIFEST)
+
+    def push_index(self, repo: str, tag: str, manifests: list[tuple[str, int, str]]) -> str:
+        """An OCI image index over (digest, size, "os/arch") entries; returns its digest."""
+        entries = []
+        for digest, size, platform in manifests:
+            os_name, _, arch = platform.partition("/")
+            entries.append({"mediaType": OCI_MANIFEST, "digest": digest, "size": size,
+                            "platform": {"os": os_name, "architecture": arch}})
+        return self.push_manifest(repo, tag, {"schemaVersion": 2, "mediaType": OCI_INDEX,
+                                              "manifests": entries}, OCI_INDEX)
+
+    def manifest_size(self, repo: str, reference: str) -> int:
+        r = self._call("HEAD", self._url(f"{repo}/manifests/{reference}"), repo,
+                       headers={"Accept": OCI_MANIFEST})
+        r.raise_for_status()
+        return int(r.headers["Content-Length"])
 
     def push_image(self, repo: str, tag: str, annotations: dict[str, str]) -> str:
         """A minimal image whose manifest carries ``annotations`` (CRI-O's image annotations)."""
@@ -219,27 +371,35 @@ class LocalRegistry:
         }
         return self.push_manifest(repo, tag, manifest)
 
-    def push_with_oras(self, repo: str, tag: str, profile: bytes) -> str:
-        """Push the way users do, with oras-py; returns the manifest digest."""
+    def push_with_oras(self, repo: str, tag: str, profile: bytes,
+                       config_media_type: str = SECCOMP_CONFIG) -> str:
+        """Push the way users do, with oras-py; returns the manifest digest.
+
+        Only for a registry without authentication over plain HTTP (oras-py's
+        auth is not what is being shown here). oras-py has no timeouts: a
+        registry that stalls hangs this helper, which only tests and the demo use.
+        """
         import oras.client
 
-        workdir = Path(tempfile.mkdtemp(prefix="oras-push-"))
-        cwd = os.getcwd()
+        workdir = Path(tempfile.mkdtemp(prefix="oras-push-", dir=self._tmp))
         try:
-            (workdir / "seccomp.json").write_bytes(profile)
-            (workdir / "config.json").write_bytes(b"{}\n")
-            os.chdir(workdir)
+            layer = workdir / "seccomp.json"
+            layer.write_bytes(profile)
+            config = workdir / "config.json"
+            config.write_bytes(CRIO_CONFIG)
             client = oras.client.OrasClient(hostname=self.address, insecure=True)
-            client.push(
+            response = client.push(
                 target=f"{self.address}/{repo}:{tag}",
-                files=["seccomp.json"],
-                # "path:mediatype" is parsed here; config_path= is not (oras-py pitfall)
-                manifest_config=f"config.json:{SECCOMP_CONFIG}",
+                # absolute paths: the layer's title is the file's base name
+                files=[str(layer)],
+                # "path:mediatype" here; config_path= is silently ignored (oras-py pitfall)
+                manifest_config=f"{config}:{config_media_type}",
                 disable_path_validation=True,
+                quiet=True,
             )
         finally:
-            os.chdir(cwd)
             shutil.rmtree(workdir, ignore_errors=True)
-        r = requests.head(self._url(f"{repo}/manifests/{tag}"),
-                          headers={"Accept": OCI_MANIFEST}, timeout=10)
-        return str(r.headers["Docker-Content-Digest"])
+        digest = response.headers.get("Docker-Content-Digest")
+        if not digest:
+            raise RegistryError(f"oras push of {repo}:{tag} returned no digest")
+        return str(digest)
