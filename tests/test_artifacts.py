@@ -11,14 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 
 from nri_seccomp import artifacts
 from nri_seccomp.artifacts import ArtifactFetcher, FetchSettings
 from nri_seccomp.reference import parse
 from nri_seccomp.testing.badregistry import BadRegistry
 from nri_seccomp.testing.registry import LocalRegistry, digest_of, docker_config
-from nri_seccomp.testing.tokenserver import TokenServer
 
 from .conftest import REGISTRY_USER
 
@@ -338,32 +336,6 @@ def test_bearer_token_auth(token_registry: LocalRegistry, tmp_path: Path) -> Non
         fetcher(reg.address, docker_config=str(wrong)).fetch(ref)
     assert f"token server {tokens.realm} answered HTTP 401; the credentials for " \
            f"{reg.address} from {wrong} were refused" in str(info.value)
-
-
-def test_bearer_token_flow(tmp_path: Path) -> None:
-    tokens = TokenServer(tmp_path, users={"bob": "pw"})
-    with tokens, LocalRegistry(auth_config=tokens.registry_auth()) as reg:
-        # push with a token of our own, as a CI pipeline would
-        push_token = requests.get(
-            tokens.realm, params={"service": "test-registry",
-                                  "scope": "repository:tok/p:push,pull"},
-            auth=("bob", "pw"), timeout=5).json()["token"]
-        reg.push_headers = {"Authorization": f"Bearer {push_token}"}
-        reg.push_profile("tok/p", "v1", PROFILE)
-        ref = parse(f"{reg.address}/tok/p:v1")
-        with pytest.raises(artifacts.Unauthorized, match=r"token server .* HTTP 401"):
-            fetcher(reg.address).fetch(ref)
-        config = docker_config(tmp_path / "config.json", {reg.address: ("bob", "pw")})
-        f = fetcher(reg.address, docker_config=str(config))
-        assert f.fetch(ref).data == PROFILE
-        asked = tokens.requests[-1]
-        assert asked["service"] == "test-registry"
-        assert asked["scope"] == "repository:tok/p:pull"
-        assert asked["authorization"].startswith("Basic ")
-        # the token is reused for the next fetch of the same repository
-        count = len(tokens.requests)
-        assert f.fetch(ref).data == PROFILE
-        assert len(tokens.requests) == count
 
 
 def test_redirect_to_other_host_drops_credentials(tmp_path: Path) -> None:
