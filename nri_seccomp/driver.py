@@ -33,6 +33,8 @@ from nri_seccomp.pb import nri_pb2
 PLUGIN_SERVICE = "nri.pkg.api.v1alpha1.Plugin"
 RUNTIME_SERVICE = "nri.pkg.api.v1alpha1.Runtime"
 METADATA = {"containerd-namespace-ttrpc": "k8s.io"}
+#: the largest mux chunk containerd's NRI connection can read (seen on 2.2.4, 2.3.4, main)
+CONTAINERD_READ_CHUNK = 4096
 
 
 class DriverError(Exception):
@@ -172,7 +174,9 @@ class PluginConnection:
         registration_timeout: float,
         config: str = "",
     ) -> PluginConnection:
-        m = mux.Mux(reader, writer)
+        # containerd cannot read a chunk over 4096 bytes (ttrpc's bufio.Reader size; NRI's
+        # mux answers ENOMEM) and drops the plugin: the emulation must do the same
+        m = mux.Mux(reader, writer, max_read_payload=CONTAINERD_READ_CHUNK)
         plugin_conn = m.open(mux.PLUGIN_SERVICE_CONN)
         runtime_conn = m.open(mux.RUNTIME_SERVICE_CONN)
         client = ttrpc.Client(plugin_conn, lambda b: m.write(mux.PLUGIN_SERVICE_CONN, b))

@@ -18,8 +18,14 @@ log = logging.getLogger(__name__)
 
 HEADER = struct.Struct(">II")
 HEADER_SIZE = HEADER.size
-# The sender's chunk limit: one ttrpc frame (10-byte header + 4 MiB) fits in one chunk.
+#: The largest chunk NRI's own writer sends (one whole ttrpc frame); we accept up to this.
 MAX_PAYLOAD = 4 * 1024 * 1024 + 10
+#: The largest chunk we send. containerd's ttrpc reads a connection through a 4096-byte
+#: bufio.Reader, and NRI's mux hands over one chunk per read, failing with ENOMEM when
+#: the chunk does not fit: the runtime then drops the plugin and creates the container
+#: *without its seccomp profile*. Seen on real containerd 2.2.4, 2.3.4 and main with any
+#: answer over 4096 bytes; 4096 bytes and below are read fine.
+WRITE_CHUNK = 4096
 
 #: The runtime calls the plugin on this connection (the plugin is the ttrpc server).
 PLUGIN_SERVICE_CONN = 1
@@ -31,19 +37,19 @@ class MuxError(Exception):
     """The multiplexed stream is malformed; the socket cannot be trusted any further."""
 
 
-def encode(conn_id: int, data: bytes) -> bytes:
-    """Frame ``data`` for ``conn_id``, split into chunks of at most MAX_PAYLOAD bytes."""
+def encode(conn_id: int, data: bytes, chunk: int = WRITE_CHUNK) -> bytes:
+    """Frame ``data`` for ``conn_id``, split into chunks of at most ``chunk`` bytes."""
     if not 0 < conn_id <= 0xFFFFFFFF:
         raise ValueError(f"mux: invalid connection id {conn_id}")
-    if len(data) <= MAX_PAYLOAD:
+    if len(data) <= chunk:
         return HEADER.pack(conn_id, len(data)) + data
-    return b"".join(_chunks(conn_id, data))
+    return b"".join(_chunks(conn_id, data, chunk))
 
 
-def _chunks(conn_id: int, data: bytes) -> Iterator[bytes]:
+def _chunks(conn_id: int, data: bytes, chunk: int) -> Iterator[bytes]:
     view = memoryview(data)
-    for start in range(0, len(data), MAX_PAYLOAD):
-        part = view[start : start + MAX_PAYLOAD]
+    for start in range(0, len(data), chunk):
+        part = view[start : start + chunk]
         yield HEADER.pack(conn_id, len(part))
         yield bytes(part)
 
@@ -92,11 +98,16 @@ class Mux:
     may legitimately open connections we do not serve.
     """
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        max_read_payload: int = MAX_PAYLOAD,
+    ) -> None:
         self._reader = reader
         self._writer = writer
         self._conns: dict[int, asyncio.StreamReader] = {}
-        self._demux = Demuxer()
+        self._demux = Demuxer(max_read_payload)
         self._closed = False
         self.error: Exception | None = None
 

@@ -101,3 +101,41 @@ def test_degrade_switch_applies_eperm_with_a_warning(
     diffs = compat.differences(original, result.applied)
     assert diffs, "degrading must change something for Debian's profile"
     assert all("SCMP_ACT_ERRNO(1)" in d.split("→")[1] for d in diffs)
+
+
+@pytest.mark.parametrize("version", ["v2.2.4", "v2.3.0"])
+def test_large_answers_are_readable_by_containerd(registry: LocalRegistry, tmp_path: Path,
+                                                  version: str) -> None:
+    """containerd cannot read a mux chunk over 4096 bytes: it drops the plugin and runs the
+    container unconfined (seen on real 2.2.4, 2.3.4 and main). The driver refuses such
+    chunks the same way, so an answer of several KiB must arrive in small chunks."""
+    names = list(profile.known_syscalls("SCMP_ARCH_X86_64"))[:450]
+    data = json.dumps({"defaultAction": "SCMP_ACT_ERRNO", "architectures": ["SCMP_ARCH_X86_64"],
+                       "syscalls": [{"names": names, "action": "SCMP_ACT_ALLOW"}]}).encode()
+    registry.push_profile("large/answer", "v1", data)
+    ref = f"{registry.address}/large/answer:v1"
+
+    async def scenario() -> driver.CreateResult:
+        config = base_config(tmp_path / "cache", registry.address)
+        async with plugin(config, runtime=driver.RuntimeVersion.containerd(version)) as s:
+            result = await s.conn.create_container(pod({f"{KEY_V1}/POD": ref}), container())
+            assert s.conn.closed is None
+        return result
+
+    result = run(scenario())
+    assert result.fatal is None and result.error is None, (result.fatal, result.error)
+    assert result.response is not None and result.response.ByteSize() > 4096
+    assert result.applied is not None
+    original = profile.prepare(data, profile.node_context()).policy
+    assert compat.differences(original, result.applied) == []
+
+
+def test_driver_reads_like_containerd() -> None:
+    """The emulation's reader: chunks up to 4096 bytes, a bigger one ends the connection."""
+    from nri_seccomp import mux
+
+    demux = mux.Demuxer(driver.CONTAINERD_READ_CHUNK)
+    assert demux.feed(mux.encode(1, b"y" * 4096)) == [(1, b"y" * 4096)]
+    with pytest.raises(mux.MuxError, match="chunk of 4097 bytes for connection 1 exceeds the "
+                       "limit of 4096 bytes"):
+        demux.feed(mux.encode(1, b"x" * 4097, chunk=4097))

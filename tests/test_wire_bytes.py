@@ -71,15 +71,30 @@ def test_error_status_by_hand() -> None:
 
 
 def test_large_write_is_chunked_and_reassembled() -> None:
-    data = bytes(range(256)) * (5 * 1024 * 1024 // 256)  # 5 MiB > one chunk
+    data = bytes(range(256)) * (5 * 1024 * 1024 // 256)  # 5 MiB
     encoded = mux.encode(1, data)
-    first_len = int.from_bytes(encoded[4:8], "big")
-    assert first_len == 4 * 1024 * 1024 + 10
     demux = mux.Demuxer()
     chunks = demux.feed(encoded)
-    assert [c for c, _ in chunks] == [1, 1]
+    # containerd reads at most 4096 bytes per chunk (see mux.WRITE_CHUNK)
+    assert {len(p) for _, p in chunks} == {4096}
+    assert len(chunks) == 5 * 1024 * 1024 // 4096
     assert b"".join(p for _, p in chunks) == data
     assert demux.pending == 0
+
+
+def test_write_chunks_by_hand() -> None:
+    # 4097 bytes: one full 4096-byte chunk, then 1 byte; both on conn 1
+    encoded = mux.encode(1, b"a" * 4096 + b"b")
+    assert encoded == (b"\x00\x00\x00\x01\x00\x00\x10\x00" + b"a" * 4096
+                       + b"\x00\x00\x00\x01\x00\x00\x00\x01" + b"b")
+    assert mux.encode(2, b"c" * 4096) == b"\x00\x00\x00\x02\x00\x00\x10\x00" + b"c" * 4096
+
+
+def test_reads_accept_nri_writers_large_chunks() -> None:
+    # NRI's Go writer sends a whole ttrpc frame (up to 4 MiB + 10) as one chunk
+    big = b"z" * (4 * 1024 * 1024 + 10)
+    out = mux.Demuxer().feed(mux.encode(1, big, chunk=len(big)))
+    assert out == [(1, big)]
 
 
 @pytest.mark.parametrize(
