@@ -159,8 +159,13 @@ class SeccompPlugin:
         self, pod: nri_pb2.PodSandbox, container: nri_pb2.Container, deadline: float
     ) -> nri_pb2.LinuxSeccomp | None:
         try:
-            image_annotations = await self._image_annotations(container, deadline)
-            match = resolver.resolve(pod.annotations, container.name, image_annotations)
+            # pod annotations come first in CRI-O's order: the image's registry is asked
+            # only when they decide nothing
+            match = resolver.resolve(pod.annotations, container.name, {})
+            if match is None:
+                image_annotations = await self._image_annotations(container, deadline)
+                if image_annotations:
+                    match = resolver.resolve(pod.annotations, container.name, image_annotations)
         except resolver.AnnotationError as exc:
             raise Refused(ttrpc.Code.INVALID_ARGUMENT, str(exc)) from exc
         if match is None:

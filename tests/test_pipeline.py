@@ -225,3 +225,19 @@ def test_listener_profiles_need_the_administrator(registry: LocalRegistry, tmp_p
     else:
         assert result.seccomp is not None
         assert result.seccomp.listener_path == "/run/containerd/containerd.sock"
+
+
+def test_image_registry_not_asked_when_pod_annotations_decide(registry: LocalRegistry,
+                                                             artifacts: dict[str, str],
+                                                             tmp_path: Path) -> None:
+    before = registry.requests_seen(r"GET /v2/app/bare/manifests/")
+
+    async def scenario() -> driver.CreateResult:
+        async with plugin(base_config(tmp_path / "cache", registry.address)) as session:
+            return await session.conn.create_container(
+                pod({f"{KEY_V1}/POD": artifacts["profile"]}),
+                container("app", image=artifacts["image-bare"]))
+
+    result = run(scenario())
+    assert result.seccomp == expected_seccomp()
+    assert registry.requests_seen(r"GET /v2/app/bare/manifests/") == before
