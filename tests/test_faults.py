@@ -384,3 +384,24 @@ def test_tag_recheck_downloads_only_the_manifest(registry: LocalRegistry, tmp_pa
     registry.push_profile("recheck/p", "v1", PROFILE.replace(b"write", b"close"))
     results = run(scenario())
     assert [n for n in results[-1].seccomp.syscalls[0].names] == ["read", "close"]  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("on_error", "fails"), [("ignore", False), ("refuse", True)])
+def test_hanging_image_registry(tmp_path: Path, on_error: str, fails: bool) -> None:
+    """An unannotated pod whose image registry hangs: answered in time either way."""
+    with BadRegistry("hang") as bad:
+        config = base_config(tmp_path / "cache", bad.address,
+                             f"image_annotations_on_error: {on_error}\n")
+
+        async def scenario() -> driver.CreateResult:
+            async with plugin(config) as session:
+                return await session.conn.create_container(
+                    pod(), container(image=f"{bad.address}/some/image:1"))
+
+        result = run(scenario())
+    assert result.fatal is None and result.latency < 2.0
+    if fails:
+        assert result.error is not None
+        assert "image_annotations_on_error: refuse" in result.error.message
+    else:
+        assert result.error is None and result.seccomp is None
