@@ -101,7 +101,11 @@ def load(text: str, source: str = "configuration") -> Config:
         return Config()
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {_kind(data)}")
-    config: Config = _build(Config, data, "")
+    try:
+        config: Config = _build(Config, data, "")
+    except ConfigError as exc:
+        # name the file (or "NRI plugin configuration") the operator has to fix
+        raise ConfigError(f"{source}: {exc}") from None
     return config
 
 

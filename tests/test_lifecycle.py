@@ -123,3 +123,29 @@ def test_external_plugin_reconnects(tmp_path: Path) -> None:
         assert b"reconnecting" in err or b"unavailable" in err
 
     run(scenario(), timeout=60)
+
+
+def test_external_seccomp_plugin_reads_its_config_file(tmp_path: Path) -> None:
+    path = str(tmp_path / "nri.sock")
+    config = tmp_path / "nri-seccomp.yaml"
+    config.write_text(f"cache_dir: {tmp_path / 'cache'}\nregistry: {{timout: 1}}\n")
+
+    async def scenario() -> str:
+        listener = driver.ExternalListener(path)
+        await listener.start()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NRI_")}
+        proc = await asyncio.create_subprocess_exec(
+            *driver.plugin_command("--socket", path, "--config", str(config)),
+            env=env, stderr=asyncio.subprocess.PIPE)
+        try:
+            conn = await asyncio.wait_for(listener.connections.get(), 15)
+            with pytest.raises(driver.DriverError) as info:
+                await conn.handshake()
+            return str(info.value)
+        finally:
+            proc.terminate()
+            await proc.communicate()
+            await listener.stop()
+
+    message = run(scenario())
+    assert f"{config}: unknown configuration key 'registry.timout'" in message
