@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 PLUGIN_SERVICE = "nri.pkg.api.v1alpha1.Plugin"
 RUNTIME_SERVICE = "nri.pkg.api.v1alpha1.Runtime"
 DEFAULT_SOCKET_PATH = "/var/run/nri/nri.sock"
+#: the NRI API our messages follow (proto/ is written from v0.12.2); the runtime logs it
+API_VERSION = "v0.12.2"
 #: NRI's defaults; Configure tells us the runtime's actual values.
 DEFAULT_REGISTRATION_TIMEOUT = 5.0
 DEFAULT_REQUEST_TIMEOUT = 2.0
@@ -126,7 +128,7 @@ class Stub:
         sock: socket.socket | None = None,
         socket_path: str = DEFAULT_SOCKET_PATH,
         reconnect: bool = True,
-        nri_version: str = "",
+        nri_version: str = API_VERSION,
     ) -> None:
         self.plugin = plugin
         self.identity = identity

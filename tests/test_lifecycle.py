@@ -38,6 +38,7 @@ def test_preinstalled_lifecycle(chunks: int) -> None:
             "seccomp-oci",
             "10",
         )
+        assert conn.registration.NRI_version == "v0.12.2"
         if chunks:
             answers = await conn.synchronize(_pods(5), _containers(7), chunks=chunks)
             assert [a.more for a in answers] == [True] * (chunks - 1) + [False]
