@@ -374,14 +374,15 @@ class ProfileStore:
             self.fetches += 1
             art = await self._fetcher.fetch(ref, deadline, self._have)
         compiled = await self._compile(art.data, art.layer_digest)
+        fetched_at = self._clock()
         if self._disk is not None:
             try:
                 await self._on_disk(self._disk.put_blob, art.data, art.layer_digest)
-                await self._on_disk(self._disk.record, key, art.layer_digest)
+                await self._on_disk(self._disk.record, key, art.layer_digest, fetched_at)
             except cache.CacheError as exc:
                 # the profile is verified and usable now; only the restart copy is lost
                 log.warning("could not cache %s: %s", key, exc)
-        self._refs.put(key, (art.layer_digest, self._clock()))
+        self._refs.put(key, (art.layer_digest, fetched_at))
         return Ready(key, compiled, "registry")
 
     async def _compile(self, data: bytes, digest: str) -> Compiled:
