@@ -69,6 +69,12 @@ class Config:
     runtime_overrides: Mapping[str, bool] = field(default_factory=dict)
     #: concurrent registry fetches
     fetch_workers: int = 8
+    #: CPU one profile compile (or errno translation) may use before it is refused
+    compile_cpu_seconds: float = 2.0
+    #: wall-clock time one compile (or translation) may take before it is refused
+    compile_wall_seconds: float = 5.0
+    #: worker processes for compiles and translations
+    compile_workers: int = 1
     log_level: str = "info"
     registry: RegistrySettings = field(default_factory=RegistrySettings)
 
@@ -182,6 +188,9 @@ _RANGES: dict[str, tuple[float, float]] = {
     "tag_ttl": (0.0, 365 * 86400.0),
     "stale_if_error_max_age": (0.0, 365 * 86400.0),
     "fetch_workers": (1, 64),
+    "compile_cpu_seconds": (0.05, 60.0),
+    "compile_wall_seconds": (0.1, 120.0),
+    "compile_workers": (1, 16),
     "timeout": (0.05, 30.0),
     "max_profile_bytes": (1024, MAX_PROFILE_BYTES),
 }

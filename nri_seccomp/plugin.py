@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import functools
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +22,7 @@ from nri_seccomp.images import ImageAnnotations, ImageLookupError
 from nri_seccomp.pb import nri_pb2
 from nri_seccomp.store import Compiled, NotReady, ProfileRejected, ProfileStore, StoreSettings
 from nri_seccomp.stub import RuntimeInfo
+from nri_seccomp.worker import Budget, CompileBudgetExceeded, SeccompWorkers, Translated
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,9 @@ class SeccompPlugin:
         self.store: ProfileStore | None = None
         self.images: ImageAnnotations | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self.workers: SeccompWorkers | None = None
         self._translations: collections.OrderedDict[
-            tuple[str, runtimes.RuntimeCaps, bool], asyncio.Future[compat.Translation]
+            tuple[str, runtimes.RuntimeCaps, bool], asyncio.Future[Translated]
         ] = collections.OrderedDict()
 
     # ---- lifecycle -----------------------------------------------------------
@@ -88,6 +89,9 @@ class SeccompPlugin:
             # still correct without the disk copy, only slower after a restart
             log.error("on-disk cache %s unavailable, continuing without it: %s", cfg.cache_dir, exc)
             disk = None
+        self.workers = SeccompWorkers(
+            Budget(cfg.compile_cpu_seconds, cfg.compile_wall_seconds, cfg.compile_workers)
+        )
         return ProfileStore(
             fetcher,
             disk,
@@ -98,6 +102,7 @@ class SeccompPlugin:
                 unknown_syscalls=cfg.unknown_syscalls,
             ),
             profile.node_context(),
+            self.workers,
         )
 
     @staticmethod
@@ -117,6 +122,10 @@ class SeccompPlugin:
 
     async def on_disconnect(self) -> None:
         self._translations.clear()
+
+    async def shutdown(self) -> None:
+        if self.workers is not None:
+            await self.workers.aclose()
 
     # ---- events ----------------------------------------------------------------
 
@@ -209,7 +218,7 @@ class SeccompPlugin:
         log.info("applying seccomp profile %s (%s, %s) to container %s/%s/%s",
                  ref, ready.compiled.digest, ready.source, pod.namespace, pod.name,
                  container.name)
-        return translation.policy
+        return translation.message()
 
     async def _image_annotations(
         self, container: nri_pb2.Container, deadline: float
@@ -243,22 +252,18 @@ class SeccompPlugin:
 
     async def _translate(
         self, ref: reference.Reference, compiled: Compiled, deadline: float
-    ) -> compat.Translation:
-        """The policy as this runtime can carry it; memoized, computed off the event loop."""
+    ) -> Translated:
+        """The policy as this runtime can carry it; memoized, computed in a worker process."""
         key = (compiled.digest, self.caps, self.config.allow_errno_degrade)
         fut = self._translations.get(key)
         if fut is None:
-            assert self._executor is not None
-            fut = asyncio.get_running_loop().run_in_executor(
-                self._executor,
-                functools.partial(
-                    compat.translate,
-                    compiled.policy,
-                    self.caps,
-                    allow_errno_degrade=self.config.allow_errno_degrade,
-                    origin=compiled.origin,
-                ),
-            )
+            assert self.workers is not None
+            fut = asyncio.ensure_future(self.workers.translate(
+                compiled.policy.SerializeToString(deterministic=True),
+                compiled.origin,
+                self.caps,
+                self.config.allow_errno_degrade,
+            ))
             self._translations[key] = fut
             while len(self._translations) > TRANSLATIONS_KEPT:
                 self._translations.popitem(last=False)
@@ -274,7 +279,7 @@ class SeccompPlugin:
                 f"seccomp profile {ref} is still being prepared for {self.caps.description}, "
                 "retry",
             ) from None
-        except compat.UnsupportedByRuntime as exc:
+        except (compat.UnsupportedByRuntime, CompileBudgetExceeded) as exc:
             raise Refused(ttrpc.Code.FAILED_PRECONDITION, f"{ref}: {exc}") from exc
 
 

@@ -25,6 +25,7 @@ from typing import TypeVar
 from nri_seccomp import artifacts, cache, profile
 from nri_seccomp.pb import nri_pb2
 from nri_seccomp.reference import Reference
+from nri_seccomp.worker import CompileBudgetExceeded, SeccompWorkers
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +88,14 @@ class ProfileStore:
         executor: Executor,
         settings: StoreSettings,
         node: profile.NodeContext,
+        workers: SeccompWorkers,
     ) -> None:
         self._fetcher = fetcher
         self._disk = disk
         self._executor = executor
         self._settings = settings
         self._node = node
+        self._workers = workers
         self._compiled: collections.OrderedDict[str, Compiled] = collections.OrderedDict()
         #: reference → (layer digest, fetched at); a digest reference names the
         #: manifest, so even those need this step to reach the profile blob
@@ -207,7 +210,7 @@ class ProfileStore:
             if data is None:
                 return None
             try:
-                compiled = await self._run(self._compile, data, digest)
+                compiled = await self._compile(data, digest)
             except ProfileRejected as exc:
                 # a blob that no longer compiles (e.g. a stricter configuration): refetch
                 log.warning("cached profile %s for %s is refused: %s", digest, key, exc)
@@ -223,7 +226,7 @@ class ProfileStore:
         art = await self._run(self._fetcher.fetch, ref, deadline, have)
         compiled = self._compiled.get(art.layer_digest)
         if compiled is None:
-            compiled = await self._run(self._compile, art.data, art.layer_digest)
+            compiled = await self._compile(art.data, art.layer_digest)
         if self._disk is not None:
             try:
                 await self._run(self._disk.put_blob, art.data, art.layer_digest)
@@ -235,17 +238,12 @@ class ProfileStore:
         self._refs[key] = (art.layer_digest, time.time())
         return Ready(key, compiled, "registry")
 
-    def _compile(self, data: bytes, digest: str) -> Compiled:
+    async def _compile(self, data: bytes, digest: str) -> Compiled:
         try:
-            prepared = profile.prepare(
-                data, self._node, unknown_syscalls=self._settings.unknown_syscalls
+            # in a worker process, within the compile budget (worker.py)
+            prepared = await self._workers.prepare(
+                data, self._node, self._settings.unknown_syscalls
             )
-        except profile.ProfileError as exc:
+        except (profile.ProfileError, CompileBudgetExceeded) as exc:
             raise ProfileRejected(digest, exc) from exc
-        return Compiled(
-            digest,
-            len(data),
-            prepared.policy,
-            prepared.profile.rule_indexes,
-            tuple(prepared.report.warnings),
-        )
+        return Compiled(digest, len(data), prepared.message(), prepared.origin, prepared.warnings)
