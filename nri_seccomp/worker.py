@@ -270,8 +270,10 @@ class SeccompWorkers:
         return result
 
     def cpu_seconds(self) -> float:
-        """CPU used by the jobs finished so far (a job stopped at its CPU budget counts
-        the budget; one stopped at the wall-clock budget counts at most that)."""
+        """CPU used by the jobs finished so far, as each worker measured it (rusage of
+        the worker around the job). A killed job cannot report: one stopped at its CPU
+        budget counts that budget, one stopped at the wall-clock budget counts the
+        smaller of the two budgets (an upper bound of what it used)."""
         with self._lock:
             return self._cpu
 
