@@ -85,6 +85,12 @@ class Config:
     refused_ttl: float = 600.0
     #: seconds any failed reference is answered from memory before it is tried again
     failure_ttl: float = 5.0
+    #: CPU one profile compile (or errno translation) may use before it is refused
+    compile_cpu_seconds: float = 2.0
+    #: wall-clock time one compile (or translation) may take before it is refused
+    compile_wall_seconds: float = 5.0
+    #: worker processes for compiles and translations
+    compile_workers: int = 1
     log_level: str = "info"
     registry: RegistrySettings = field(default_factory=RegistrySettings)
 
@@ -206,6 +212,9 @@ _RANGES: dict[str, tuple[float, float]] = {
     "memory_max_bytes": (1024 * 1024, 1 << 34),
     "refused_ttl": (0.0, 7 * 86400.0),
     "failure_ttl": (0.0, 3600.0),
+    "compile_cpu_seconds": (0.05, 60.0),
+    "compile_wall_seconds": (0.1, 120.0),
+    "compile_workers": (1, 16),
     "timeout": (0.05, 30.0),
     "max_profile_bytes": (1024, MAX_PROFILE_BYTES),
 }

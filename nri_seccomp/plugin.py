@@ -24,7 +24,6 @@ from nri_seccomp.memo import BoundedMap
 from nri_seccomp.pb import nri_pb2
 from nri_seccomp.store import (
     Compiled,
-    InlineCompiler,
     NotReady,
     ProfileRejected,
     ProfileStore,
@@ -32,6 +31,7 @@ from nri_seccomp.store import (
     ThreadedFetcher,
 )
 from nri_seccomp.stub import RuntimeInfo
+from nri_seccomp.worker import Budget, CompileBudgetExceeded, SeccompWorkers
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,9 @@ class SeccompPlugin:
         self.images: ImageAnnotations | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._disk_executor: ThreadPoolExecutor | None = None
+        self.workers: SeccompWorkers | None = None
         self._translations: BoundedMap[
-            tuple[str, runtimes.RuntimeCaps, bool], asyncio.Future[compat.Translation]
+            tuple[str, runtimes.RuntimeCaps, bool], asyncio.Future[Answer]
         ] = BoundedMap(TRANSLATIONS_KEPT, TRANSLATIONS_BYTES, _translation_bytes)
 
     # ---- lifecycle -----------------------------------------------------------
@@ -107,7 +108,9 @@ class SeccompPlugin:
         # lanes of their own: registry calls, disk I/O and compiling never wait for each other
         self._executor = ThreadPoolExecutor(cfg.fetch_workers, thread_name_prefix="fetch")
         self._disk_executor = ThreadPoolExecutor(2, thread_name_prefix="disk")
-        self._compile_executor = ThreadPoolExecutor(1, thread_name_prefix="compile")
+        # libseccomp and the errno analysis run in processes that can be stopped
+        self.workers = SeccompWorkers(
+            Budget(cfg.compile_cpu_seconds, cfg.compile_wall_seconds, cfg.compile_workers))
         fetcher.executor = self._executor
         self.images = ImageAnnotations(fetcher, cfg.image_lookup_concurrency)
         disk: Cache | None
@@ -121,7 +124,7 @@ class SeccompPlugin:
             fetcher,
             disk,
             self._disk_executor,
-            InlineCompiler(self._compile_executor),
+            self.workers,
             StoreSettings(
                 tag_ttl=cfg.tag_ttl,
                 stale_if_error_max_age=cfg.stale_if_error_max_age,
@@ -154,6 +157,10 @@ class SeccompPlugin:
 
     async def on_disconnect(self) -> None:
         self._translations.clear()
+
+    async def shutdown(self) -> None:
+        if self.workers is not None:
+            await self.workers.aclose()
 
     # ---- events ----------------------------------------------------------------
 
@@ -300,21 +307,13 @@ class SeccompPlugin:
 
     async def _translate(
         self, ref: reference.Reference, compiled: Compiled, deadline: float
-    ) -> compat.Translation:
-        """The policy as this runtime can carry it; memoized, computed off the event loop."""
+    ) -> Answer:
+        """The policy as this runtime can carry it; memoized, computed in a worker process."""
         key = (compiled.digest, self.caps, self.config.allow_errno_degrade)
         fut = self._translations.get(key)
         if fut is None:
-            fut = asyncio.get_running_loop().run_in_executor(
-                self._compile_executor,
-                functools.partial(
-                    compat.translate,
-                    compiled.policy,
-                    self.caps,
-                    allow_errno_degrade=self.config.allow_errno_degrade,
-                    origin=compiled.origin,
-                ),
-            )
+            assert self.workers is not None
+            fut = asyncio.ensure_future(self._translated(compiled, self.workers))
             self._translations.put(key, fut)
             # sized again once done: a pending translation counts as small
             fut.add_done_callback(functools.partial(self._resize, key))
@@ -330,18 +329,35 @@ class SeccompPlugin:
                 f"seccomp profile {ref} is still being prepared for {self.caps.description}, "
                 "retry",
             ) from None
-        except compat.UnsupportedByRuntime as exc:
+        except (compat.UnsupportedByRuntime, CompileBudgetExceeded) as exc:
             raise Refused(ttrpc.Code.FAILED_PRECONDITION, f"{ref}: {exc}") from exc
 
+    async def _translated(self, compiled: Compiled, workers: SeccompWorkers) -> Answer:
+        done = await workers.translate(
+            compiled.policy.SerializeToString(deterministic=True),
+            compiled.origin,
+            self.caps,
+            self.config.allow_errno_degrade,
+        )
+        # parsed once here, not on every request that uses it
+        return Answer(done.message(), done.warnings)
 
     def _resize(
-        self, key: tuple[str, runtimes.RuntimeCaps, bool], fut: asyncio.Future[compat.Translation]
+        self, key: tuple[str, runtimes.RuntimeCaps, bool], fut: asyncio.Future[Answer]
     ) -> None:
         if self._translations.get(key) is fut:
             self._translations.put(key, fut)
 
 
-def _translation_bytes(fut: asyncio.Future[compat.Translation]) -> int:
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    """A profile as one runtime can carry it: the linux.seccomp to send, and its warnings."""
+
+    policy: nri_pb2.LinuxSeccomp
+    warnings: tuple[str, ...]
+
+
+def _translation_bytes(fut: asyncio.Future[Answer]) -> int:
     if not fut.done() or fut.cancelled() or fut.exception() is not None:
         return 1024
     return 4 * fut.result().policy.ByteSize() + 1024

@@ -350,7 +350,9 @@ def parse(data: bytes) -> Profile:
             parse_constant=_no_constant,
         )
     except _DuplicateKey as exc:
-        raise ProfileSyntaxError(f"layer is not usable JSON: duplicate key {exc.key!r}") from None
+        raise ProfileSyntaxError(
+            f"layer is not usable JSON: duplicate key {quote(exc.key)}"
+        ) from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProfileSyntaxError(f"layer is not JSON: {exc}") from None
     except RecursionError:
@@ -463,9 +465,28 @@ def rule_label(index: int, names: Sequence[str], sub: str = "") -> str:
     """``syscalls[3] (names: foo, bar)``: how every message names a rule."""
     label = f"syscalls[{index}]{sub}"
     if names:
-        shown = ", ".join(names[:5]) + (f", … ({len(names)} names)" if len(names) > 5 else "")
+        shown = ", ".join(show(n) for n in names[:5]) + (
+            f", … ({len(names)} names)" if len(names) > 5 else ""
+        )
         label += f" (names: {shown})"
     return label
+
+
+#: the most of one profile value a message shows
+MAX_SHOWN = 64
+_CONTROL = dict.fromkeys([*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029])
+
+
+def show(value: object) -> str:
+    """A profile value fit for a message: control characters removed, at most MAX_SHOWN
+    characters (a hostile profile must not fill or forge log lines)."""
+    text = str(value).translate(_CONTROL)
+    return text if len(text) <= MAX_SHOWN else text[: MAX_SHOWN - 1] + "…"
+
+
+def quote(value: object) -> str:
+    """:func:`show` in quotes, as messages quote a value the profile gave."""
+    return repr(show(value))
 
 
 def _fail(message: str, path: str, rule: _RuleCtx = None) -> NoReturn:
@@ -494,14 +515,15 @@ def _only_known(
     unknown = sorted(set(obj) - known)
     if unknown:
         lowered = {k.lower(): k for k in known}
+        # at most five keys shown: a profile can have a million of them
         listed = ", ".join(
-            repr(u) + (f" (did you mean {lowered[u.lower()]!r}?)" if u.lower() in lowered else "")
-            for u in unknown
-        )
+            quote(u) + (f" (did you mean {lowered[u.lower()]!r}?)" if u.lower() in lowered else "")
+            for u in unknown[:5]
+        ) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
         plural = "s" if len(unknown) > 1 else ""
         msg = f"unknown {what} field{plural} {listed} (known: {', '.join(sorted(known))})"
         if not path:
-            raise ProfileFieldError(msg, field=unknown[0])
+            raise ProfileFieldError(msg, field=show(unknown[0]))
         _fail(msg, path, rule)
 
 
@@ -534,9 +556,9 @@ def _uint(
     if isinstance(value, bool) or not isinstance(value, int):
         _fail(f"must be a non-negative integer, not {_json_type(value)}", path, rule)
     if value < 0:
-        _fail(f"{value} is negative", path, rule)
+        _fail(f"{show(value)} is negative", path, rule)
     if value > maximum:
-        _fail(f"{value} is out of range (maximum {maximum})", path, rule)
+        _fail(f"{show(value)} is out of range (maximum {maximum})", path, rule)
     return value
 
 
@@ -549,7 +571,7 @@ def _opt_uint(
 def _action(value: object, path: str, rule: _RuleCtx = None) -> str:
     name = _str(value, path, rule)
     if name not in ACTIONS:
-        _fail(f"unknown action {name!r} (known: {', '.join(ACTIONS)})", path, rule)
+        _fail(f"unknown action {quote(name)} (known: {', '.join(ACTIONS)})", path, rule)
     return name
 
 
@@ -557,7 +579,7 @@ def _scmp_arch(value: object, path: str) -> str:
     name = _str(value, path)
     if name not in ARCHES:
         raise ProfileFieldError(
-            f"{path}: unknown architecture {name!r} (known: {', '.join(ARCHES)})", field=path
+            f"{path}: unknown architecture {quote(name)} (known: {', '.join(ARCHES)})", field=path
         )
     return name
 
@@ -566,7 +588,7 @@ def _flag(value: object, path: str) -> str:
     name = _str(value, path)
     if name not in FLAGS:
         raise ProfileFieldError(
-            f"{path}: unknown flag {name!r} (known: {', '.join(sorted(FLAGS))})", field=path
+            f"{path}: unknown flag {quote(name)} (known: {', '.join(sorted(FLAGS))})", field=path
         )
     return name
 
@@ -594,7 +616,7 @@ def _errno_name(
     name = _str(value, path, ctx)
     code = getattr(errno_mod, name, None) if name.startswith("E") else None
     if not isinstance(code, int):
-        _fail(f"unknown errno name {name!r}", path, ctx)
+        _fail(f"unknown errno name {quote(name)}", path, ctx)
     number_field = "defaultErrnoRet" if ctx is None else "errnoRet"
     if action not in ERRNO_ACTIONS:
         _fail(f"{name} has no effect with {action}", path, ctx)
@@ -673,7 +695,7 @@ def _condition(value: object, path: str, rule: tuple[int, Sequence[str]]) -> Con
     index = _uint(value["index"], f"{path}.index", MAX_ARG_INDEX, rule)
     op = _str(value["op"], f"{path}.op", rule)
     if op not in OPS:
-        _fail(f"unknown op {op!r} (known: {', '.join(OPS)})", f"{path}.op", rule)
+        _fail(f"unknown op {quote(op)} (known: {', '.join(OPS)})", f"{path}.op", rule)
     # Go leaves an absent uint64 at 0; so does the runtime
     val = _uint(value.get("value", 0), f"{path}.value", MAX_U64, rule)
     val2 = _uint(value.get("valueTwo", 0), f"{path}.valueTwo", MAX_U64, rule)
@@ -691,7 +713,7 @@ def _selector(value: object, path: str, rule: tuple[int, Sequence[str]]) -> Sele
         name = _str(a, f"{path}.arches[{i}]", rule)
         if name not in DOCKER_ARCHES:
             _fail(
-                f"unknown architecture {name!r} (known: {', '.join(sorted(DOCKER_ARCHES))})",
+                f"unknown architecture {quote(name)} (known: {', '.join(sorted(DOCKER_ARCHES))})",
                 f"{path}.arches[{i}]",
                 rule,
             )
@@ -700,7 +722,7 @@ def _selector(value: object, path: str, rule: tuple[int, Sequence[str]]) -> Sele
     for i, c in enumerate(_list(value.get("caps"), f"{path}.caps", rule)):
         name = _str(c, f"{path}.caps[{i}]", rule)
         if name.upper() not in CAPABILITIES:
-            _fail(f"unknown capability {name!r}", f"{path}.caps[{i}]", rule)
+            _fail(f"unknown capability {quote(name)}", f"{path}.caps[{i}]", rule)
         caps.append(name.upper())
     min_kernel = None
     if value.get("minKernel") not in (None, ""):
@@ -712,7 +734,7 @@ def _kernel(value: object, path: str, rule: tuple[int, Sequence[str]]) -> tuple[
     text = _str(value, path, rule)
     parts = text.split(".")
     if len(parts) != 2 or not all(p.isdigit() for p in parts):
-        _fail(f"{text!r} is not a kernel version of the form MAJOR.MINOR", path, rule)
+        _fail(f"{quote(text)} is not a kernel version of the form MAJOR.MINOR", path, rule)
     return int(parts[0]), int(parts[1])
 
 
@@ -822,6 +844,151 @@ def to_nri(profile: Profile) -> nri_pb2.LinuxSeccomp:
 
 
 # ---------------------------------------------------------------------------
+# normalisation and limits: what libseccomp is given is bounded before it runs
+
+#: rules (each (syscall, rule) pair, a rule split by argument counting once per
+#: condition) that may name one syscall: KEP-6061's limit
+MAX_RULES_PER_SYSCALL = 128
+#: conditions in one rule: libseccomp compares at most six arguments
+MAX_CONDITIONS = 6
+#: syscall names over all rules, and rules, of a profile (after normalisation)
+MAX_NAMES = 4096
+MAX_RULES = 4096
+
+_RuleKey = tuple[str, int | None, tuple[Condition, ...]]
+
+
+@dataclass(frozen=True)
+class Normalised:
+    #: the profile with duplicates and default-action rules removed: the same filter
+    profile: Profile
+    #: the rules dropped because their action is the default action (their names are
+    #: still checked, as libseccomp's build checks them)
+    dropped: tuple[Rule, ...]
+
+
+def normalise(profile: Profile) -> Normalised:
+    """The same filter from fewer rules; rules keep their profile index for messages.
+
+    * a name listed again by a rule with the same action, errno and conditions as
+      an earlier rule (or twice in one rule) is dropped: libseccomp ignores the
+      repeated rule, whatever came in between (the first unconditional rule of a
+      syscall wins, a later unconditional rule replaces conditional ones: both
+      are already decided by the first occurrence);
+    * a rule left without names (an exact duplicate) is dropped;
+    * a rule whose action is the default action is dropped: libseccomp refuses it
+      and runc skips it, so it never was part of the filter.
+    """
+    default = _action_value(profile.default_action, profile.default_errno_ret)
+    seen: dict[_RuleKey, set[str]] = {}
+    kept: list[Rule] = []
+    dropped: list[Rule] = []
+    for rule in profile.syscalls:
+        if _action_value(rule.action, rule.errno_ret) == default:
+            dropped.append(rule)
+            continue
+        names_seen = seen.setdefault((rule.action, rule.errno_ret, rule.args), set())
+        names: list[str] = []
+        for name in rule.names:
+            if name not in names_seen:
+                names_seen.add(name)
+                names.append(name)
+        if not names:
+            continue
+        kept.append(rule if len(names) == len(rule.names) else replace(rule, names=tuple(names)))
+    return Normalised(replace(profile, syscalls=tuple(kept)), tuple(dropped))
+
+
+def _split(rule: Rule) -> int:
+    """How many libseccomp rules one name of ``rule`` becomes (see _build)."""
+    indexes = [c.index for c in rule.args]
+    return len(indexes) if len(set(indexes)) < len(indexes) else 1
+
+
+def check_limits(profile: Profile) -> None:
+    """Refuse a (normalised) profile beyond the bounds libseccomp is given work for."""
+    per_syscall: dict[str, int] = {}
+    names = 0
+    for count, rule in enumerate(profile.syscalls, 1):
+        where = rule_label(rule.index, rule.names)
+        first = show(rule.names[0]) if rule.names else "?"
+        fail: str | None = None
+        if count > MAX_RULES:
+            fail = f"rule {count} (for {first}) is over the limit of {MAX_RULES} rules"
+        elif len(rule.args) > MAX_CONDITIONS:
+            fail = (
+                f"{len(rule.args)} conditions for {first}; a rule may have at most "
+                f"{MAX_CONDITIONS} (libseccomp compares six arguments)"
+            )
+        else:
+            names += len(rule.names)
+            if names > MAX_NAMES:
+                fail = (
+                    f"{first}: the profile names over {MAX_NAMES} syscalls in all its rules; "
+                    f"at most {MAX_NAMES} are allowed"
+                )
+        if fail is None:
+            split = _split(rule)
+            for name in rule.names:
+                n = per_syscall[name] = per_syscall.get(name, 0) + split
+                if n > MAX_RULES_PER_SYSCALL:
+                    fail = (
+                        f"{show(name)} has {n} rules (conditions on one argument counting one "
+                        f"rule each); at most {MAX_RULES_PER_SYSCALL} rules may name a syscall"
+                    )
+                    break
+        if fail is not None:
+            raise ProfileFieldError(
+                f"{where}: {fail}",
+                field=f"syscalls[{rule.index}]",
+                rule_index=rule.index,
+                names=rule.names[:5],
+                syscall=rule.names[0] if rule.names else None,
+            )
+
+
+def _check_dropped_names(
+    dropped: Sequence[Rule], kept: Profile, unknown_syscalls: str
+) -> tuple[list[str], list[str]]:
+    """libseccomp's name check for rules normalisation dropped: refuse or (unknown names,
+    warnings) for names no kept rule lists (those, compile_check reports)."""
+    if not dropped:
+        return [], []
+    native = native_arch()
+    token = _token(native)
+    arches = ", ".join([native, *(a for a in kept.architectures if a != native)])
+    listed = {n for r in kept.syscalls for n in r.names}
+    unknown: list[str] = []
+    warnings: list[str] = []
+    checked: set[str] = set()
+    for rule in dropped:
+        for name in rule.names:
+            if name in checked:
+                continue
+            checked.add(name)
+            if _resolve(token, name) != _NR_SCMP_ERROR:
+                continue
+            where = rule_label(rule.index, rule.names)
+            if unknown_syscalls == "refuse":
+                raise UnknownSyscallError(
+                    f"{where}: unknown syscall {quote(name)} for {arches} "
+                    f"(libseccomp {libseccomp_version()})",
+                    rule_index=rule.index,
+                    names=rule.names[:5],
+                    syscall=name,
+                    arch=native,
+                    field=f"syscalls[{rule.index}].names",
+                )
+            if name not in listed:
+                unknown.append(name)
+                warnings.append(
+                    f"{where}: unknown syscall {quote(name)} for {arches} "
+                    f"(libseccomp {libseccomp_version()}), skipped as the runtime does"
+                )
+    return unknown, warnings
+
+
+# ---------------------------------------------------------------------------
 # libseccomp
 
 
@@ -894,7 +1061,7 @@ def known_syscalls(arch: str) -> tuple[str, ...]:
 def _token(arch: str) -> int:
     info = ARCHES.get(arch)
     if info is None:
-        raise CompileError(f"unknown architecture {arch!r}", arch=arch)
+        raise CompileError(f"unknown architecture {quote(arch)}", arch=arch)
     if info.token is None:
         raise CompileError(
             f"architecture {arch} is not supported by libseccomp {libseccomp_version()}",
@@ -974,7 +1141,7 @@ def _build(
         raise CompileError("policy has no default action", field="defaultAction")
     if policy.default_action not in ACTIONS:
         raise CompileError(
-            f"unknown default action {policy.default_action!r}", field="defaultAction"
+            f"unknown default action {quote(policy.default_action)}", field="defaultAction"
         )
     default_errno = _opt(policy, "default_errno")
     if default_errno is not None and default_errno > MAX_ERRNO_RET:
@@ -1010,7 +1177,7 @@ def _build(
         where = rule_label(index, names)
         if sc.action not in ACTIONS:
             raise CompileError(
-                f"{where}: unknown action {sc.action!r}",
+                f"{where}: unknown action {quote(sc.action)}",
                 rule_index=index,
                 names=names,
                 field=f"syscalls[{index}].action",
@@ -1033,7 +1200,7 @@ def _build(
                 continue
             if unknown_syscalls == "refuse":
                 raise UnknownSyscallError(
-                    f"{where}: unknown syscall {name!r} for {', '.join(arches)} "
+                    f"{where}: unknown syscall {quote(name)} for {', '.join(arches)} "
                     f"(libseccomp {libseccomp_version()})",
                     rule_index=index,
                     names=names,
@@ -1045,7 +1212,7 @@ def _build(
                 built.unknown.append(name)
                 if unknown_syscalls == "warn":
                     built.warnings.append(
-                        f"{where}: unknown syscall {name!r} for {', '.join(arches)} "
+                        f"{where}: unknown syscall {quote(name)} for {', '.join(arches)} "
                         f"(libseccomp {libseccomp_version()}), skipped as the runtime does"
                     )
         conds: list[Any] = []
@@ -1053,7 +1220,7 @@ def _build(
         for j, cond in enumerate(sc.args):
             if cond.op not in OPS:
                 raise CompileError(
-                    f"{rule_label(index, names, f'.args[{j}]')}: unknown op {cond.op!r}",
+                    f"{rule_label(index, names, f'.args[{j}]')}: unknown op {quote(cond.op)}",
                     rule_index=index,
                     names=names,
                     field=f"syscalls[{index}].args[{j}].op",
@@ -1108,7 +1275,7 @@ def _build(
                     filt.add_rule(action, nr, *group)
                 except OSError as exc:
                     raise CompileError(
-                        f"{where}: libseccomp refused the rule for {name!r} on "
+                        f"{where}: libseccomp refused the rule for {quote(name)} on "
                         f"{', '.join(arches)}: {exc.strerror or exc}",
                         rule_index=index,
                         names=names,
@@ -1195,12 +1362,25 @@ class Prepared:
 
 
 def prepare(data: bytes, node: NodeContext, *, unknown_syscalls: str = "refuse") -> Prepared:
-    """parse → for_node → to_nri → compile_check, with messages pointing into the profile."""
-    selected = for_node(parse(data), node)
+    """parse → for_node → normalise → check_limits → to_nri → compile_check, with
+    messages pointing into the profile. The policy is the normalised one."""
+    if unknown_syscalls not in ("refuse", "warn"):
+        raise ValueError(f"unknown_syscalls must be 'refuse' or 'warn', not {unknown_syscalls!r}")
+    normal = normalise(for_node(parse(data), node))
+    selected = normal.profile
+    check_limits(selected)
+    unknown, warnings = _check_dropped_names(normal.dropped, selected, unknown_syscalls)
     policy = to_nri(selected)
     report = compile_check(
         policy, unknown_syscalls=unknown_syscalls, origin=selected.rule_indexes
     )
+    if normal.dropped:
+        report = replace(
+            report,
+            unknown_syscalls=(*report.unknown_syscalls, *unknown),
+            warnings=(*report.warnings, *warnings),
+            rules_skipped=report.rules_skipped + len(normal.dropped),
+        )
     return Prepared(selected, policy, report)
 
 

@@ -40,6 +40,7 @@ from nri_seccomp import artifacts, cache, profile
 from nri_seccomp.memo import BoundedMap, Busy, KeyedLimiter, SingleFlight
 from nri_seccomp.pb import nri_pb2
 from nri_seccomp.reference import Reference
+from nri_seccomp.worker import CompileBudgetExceeded, PreparedProfile, prepare_inline
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ T = TypeVar("T")
 
 
 #: what a compiler raises for a layer that must be refused (and remembered as refused)
-REFUSING_ERRORS: tuple[type[Exception], ...] = (profile.ProfileError,)
+REFUSING_ERRORS: tuple[type[Exception], ...] = (profile.ProfileError, CompileBudgetExceeded)
 
 
 class NotReady(Exception):
@@ -89,15 +90,6 @@ class Ready:
     compiled: Compiled
     #: "memory", "cache", "registry" or "stale"
     source: str
-
-
-@dataclass(frozen=True)
-class PreparedProfile:
-    """What a compiler hands back: the policy as bytes, so it crosses a process boundary."""
-
-    policy: bytes
-    origin: tuple[int, ...]
-    warnings: tuple[str, ...] = ()
 
 
 class Fetcher(Protocol):
@@ -425,13 +417,8 @@ class InlineCompiler:
     async def prepare(
         self, data: bytes, node: profile.NodeContext, unknown_syscalls: str
     ) -> PreparedProfile:
-        prepared = await asyncio.get_running_loop().run_in_executor(
-            self._executor, lambda: profile.prepare(data, node, unknown_syscalls=unknown_syscalls))
-        return PreparedProfile(
-            prepared.policy.SerializeToString(deterministic=True),
-            prepared.profile.rule_indexes,
-            tuple(prepared.report.warnings),
-        )
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, prepare_inline, data, node, unknown_syscalls)
 
 
 class ThreadedFetcher:

@@ -15,11 +15,11 @@ from nri_seccomp.pb import nri_pb2
 from nri_seccomp.reference import Reference, parse
 from nri_seccomp.store import (
     NotReady,
-    PreparedProfile,
     ProfileRejected,
     ProfileStore,
     StoreSettings,
 )
+from nri_seccomp.worker import PreparedProfile
 
 NODE = profile.NodeContext(arch="amd64", kernel=(6, 1))
 GOOD = b'{"defaultAction": "SCMP_ACT_ALLOW"}'
@@ -85,7 +85,7 @@ class FakeCompiler:
             raise profile.ProfileFieldError("syscalls[0] (names: read): too many conditions")
         policy = nri_pb2.LinuxSeccomp(default_action="SCMP_ACT_ALLOW")
         policy.syscalls.add(names=[data.decode()[:20]], action="SCMP_ACT_ERRNO")
-        return PreparedProfile(policy.SerializeToString(), (0,))
+        return PreparedProfile(policy.SerializeToString(), (0,), ())
 
 
 class FakeDisk:
@@ -347,12 +347,12 @@ def test_one_registry_gets_at_most_registry_concurrency_fetches() -> None:
 def test_memory_is_bounded_in_bytes() -> None:
     layers = {f"r.example/p/x{i}:1": f"profile {i} ".encode() * 100 for i in range(20)}
     reg = FakeRegistry(layers)
-    store, compiler = make(reg, memory_max_bytes=4 * 1024)
+    store, _ = make(reg, memory_max_bytes=4 * 1024)
 
     async def go() -> None:
         for i in range(20):
             await store.get(parse(f"r.example/p/x{i}:1"), soon())
 
     run(go())
-    held = store._compiled  # noqa: SLF001 - the bound is what this test is about
+    held = store._compiled
     assert held.total_bytes <= 4 * 1024 and 0 < len(held) < 20
