@@ -112,6 +112,7 @@ class SeccompPlugin:
                 docker_config=reg.docker_config,
                 allowed=reg.allowed,
                 require_digest=reg.require_digest,
+                token_realm_hosts=reg.token_realm_hosts,
             )
         )
 

@@ -219,8 +219,8 @@ class ProfileStore:
     async def _fetch(self, ref: Reference, key: str) -> Ready:
         self.fetches += 1
         deadline = time.monotonic() + BACKGROUND_FETCH_BUDGET
-        have = self._disk.get_blob if self._disk is not None else None
-        art = await self._run(self._fetcher.fetch, ref, deadline, have)
+        have = self._held if self._disk is not None else None
+        art = await self._fetcher.fetch(ref, deadline, have)
         compiled = self._compiled.get(art.layer_digest)
         if compiled is None:
             compiled = await self._run(self._compile, art.data, art.layer_digest)
@@ -234,6 +234,11 @@ class ProfileStore:
         self._remember(compiled)
         self._refs[key] = (art.layer_digest, time.time())
         return Ready(key, compiled, "registry")
+
+    async def _held(self, digest: str) -> bytes | None:
+        """The fetcher's ``have``: a blob already on disk, read off the event loop."""
+        assert self._disk is not None
+        return await self._run(self._disk.get_blob, digest)
 
     def _compile(self, data: bytes, digest: str) -> Compiled:
         try:
