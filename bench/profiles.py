@@ -57,3 +57,13 @@ def large_profile() -> bytes:
     data = json.dumps(base | {"syscalls": [r | {"comment": text} for r in rules]}).encode()
     assert MAX_BYTES - 1024 < len(data) <= MAX_BYTES, len(data)
     return data
+
+
+def compile_bomb(seed: int) -> bytes:
+    """The security review's bomb: 1.2 KB, four rules on one syscall with six ``GT``
+    conditions each; libseccomp spent 123 s of CPU on it before it was bounded."""
+    rules = [{"names": ["read"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1 + r,
+              "args": [{"index": i, "value": seed * 1000 + 97 * r + 13 * i, "op": "SCMP_CMP_GT"}
+                       for i in range(6)]}
+             for r in range(4)]
+    return json.dumps({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": rules}).encode()

@@ -91,7 +91,7 @@ import certifi
 import httpcore
 import httpx
 
-from nri_seccomp.bounded import quote_untrusted
+from nri_seccomp.bounded import MAX_QUOTED, clean, cut, quote_untrusted, strip_query
 from nri_seccomp.reference import DIGEST_PATTERNS, Reference
 
 log = logging.getLogger(__name__)
@@ -608,17 +608,17 @@ class ArtifactFetcher:
 
         if media_type in (OCI_INDEX, DOCKER_LIST) or "manifests" in body:
             shown = media_type if media_type in _KNOWN_TYPES else (
-                f"'{quote_untrusted(media_type)}'" if media_type else "no mediaType")
+                quote_untrusted(media_type) if media_type else "no mediaType")
             raise invalid(f"is an image index ({shown}), not a seccomp profile artifact; "
                           "reference the artifact's own manifest (no platform is picked from "
                           "an index)")
         if body.get("schemaVersion") != 2:
             version = quote_untrusted(body.get("schemaVersion"), 20)
-            raise invalid(f"manifest schemaVersion is '{version}', expected 2")
+            raise invalid(f"manifest schemaVersion is {version}, expected 2")
         declared = body.get("mediaType")
         # the field is optional in OCI; Content-Type alone is too often generic to refuse on
         if declared is not None and declared not in (OCI_MANIFEST, DOCKER_MANIFEST):
-            raise invalid(f"manifest media type is '{quote_untrusted(declared)}', expected "
+            raise invalid(f"manifest media type is {quote_untrusted(declared)}, expected "
                           f"'{OCI_MANIFEST}'")
         config = body.get("config")
         config_type = config.get("mediaType") if isinstance(config, dict) else None
@@ -630,8 +630,7 @@ class ArtifactFetcher:
             elif config_type == EMPTY_CONFIG_MEDIA_TYPE:
                 hint = (" (an artifact with an empty config; push with --config "
                         f"config.json:{SECCOMP_CONFIG_MEDIA_TYPE})")
-            found = (f"'{quote_untrusted(config_type)}'" if isinstance(config_type, str)
-                     else "missing")
+            found = quote_untrusted(config_type) if isinstance(config_type, str) else "missing"
             raise invalid(f"config media type is {found}, expected "
                           f"'{SECCOMP_CONFIG_MEDIA_TYPE}'{hint}")
         layers = body.get("layers")
@@ -641,9 +640,9 @@ class ArtifactFetcher:
         digest = layer.get("digest") if isinstance(layer, dict) else None
         size = layer.get("size") if isinstance(layer, dict) else None
         if not isinstance(digest, str) or not _valid_digest(digest):
-            raise invalid(f"first layer has an invalid digest '{quote_untrusted(digest)}'")
+            raise invalid(f"first layer has an invalid digest {quote_untrusted(digest)}")
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise invalid(f"first layer has an invalid size '{quote_untrusted(size, 40)}'")
+            raise invalid(f"first layer has an invalid size {quote_untrusted(size, 40)}")
         cap = self.settings.max_size
         if size > cap:
             # CRI-O's wording, then the numbers an operator needs
@@ -729,7 +728,7 @@ class ArtifactFetcher:
         if status == 404:
             raise NotFound(key, f"not found: {where}", **info)
         if status == 401 and _origin(final_url) != _origin(url):
-            raise Unauthorized(key, f"access denied by {quote_untrusted(_origin(final_url))}, "
+            raise Unauthorized(key, f"access denied by {_show_url(_origin(final_url))}, "
                                f"where {ref.registry} redirected the download; no credentials "
                                f"are sent there ({where})", **info)
         if status == 401:
@@ -760,7 +759,7 @@ class ArtifactFetcher:
         finally:
             await resp.aclose()
         log.debug("HTTP %d from %s: %s", resp.status_code, _show_url(url),
-                  quote_untrusted(bytes(buf[:_ERROR_BODY]), 200))
+                  quote_untrusted(bytes(buf[:_ERROR_BODY]).decode("utf-8", "replace"), 200))
         try:
             errors = json.loads(bytes(buf)).get("errors", [])
             codes = [str(e.get("code")) for e in errors if isinstance(e, dict)]
@@ -786,15 +785,15 @@ class ArtifactFetcher:
             target = _join(url, location)
             if target is None:
                 raise ArtifactError(key, f"registry {host} redirected to an unusable location "
-                                    f"'{quote_untrusted(_strip_query(location))}'", **info)
+                                    f"{quote_untrusted(_strip_query(location))}", **info)
             if urlsplit(url).scheme == "https" and urlsplit(target).scheme == "http":
                 raise PolicyError(key, f"registry {host} redirected from https to plain http "
-                                  f"({quote_untrusted(_show_url(target))}); refused", **info)
+                                  f"({_show_url(target)}); refused", **info)
             if _origin(target) != _origin(url):
                 hdrs = {k: v for k, v in hdrs.items() if k.lower() != "authorization"}
             url = target
         raise ArtifactError(key, f"more than {MAX_REDIRECTS} redirects, the last to "
-                            f"{quote_untrusted(_show_url(url))}", registry=ref.registry, url=url)
+                            f"{_show_url(url)}", registry=ref.registry, url=url)
 
     async def _exchange(
         self, call: _Call, method: str, url: str, headers: dict[str, str]
@@ -843,10 +842,10 @@ class ArtifactFetcher:
             return _basic(creds)
         if scheme != "bearer":
             raise Unauthorized(key, f"registry {ref.registry} sent an unsupported "
-                               f"authentication challenge '{quote_untrusted(challenge)}'", **info)
+                               f"authentication challenge {quote_untrusted(challenge)}", **info)
         realm = params.get("realm", "")
         realm_scheme = urlsplit(realm).scheme
-        shown = f"'{quote_untrusted(_show_url(realm))}'"
+        shown = quote_untrusted(_strip_query(realm))
         if realm_scheme not in ("http", "https") or _join(realm, "") is None:
             raise Unauthorized(key, f"registry {ref.registry} sent a Bearer challenge with an "
                                f"unusable realm {shown}", **info)
@@ -1092,7 +1091,7 @@ def _strip_query(url: str) -> str:
 
 def _show_url(url: str) -> str:
     """A URL for a message: no query, no fragment, no control characters, bounded."""
-    return quote_untrusted(_strip_query(url), 200)
+    return cut(strip_query(_strip_query(url)[: MAX_QUOTED * 4]), MAX_QUOTED * 2)
 
 
 def _host(url: str) -> str:
@@ -1100,7 +1099,7 @@ def _host(url: str) -> str:
         netloc = urlsplit(url).netloc
     except ValueError:
         netloc = ""
-    return quote_untrusted(netloc.rpartition("@")[2] or "?")
+    return cut(clean((netloc.rpartition("@")[2] or "?")[: MAX_QUOTED * 2]), MAX_QUOTED)
 
 
 def _join(base: str, location: str) -> str | None:

@@ -1,30 +1,86 @@
-"""Text from outside (registries, pod authors) made safe to quote in a message or a log line."""
+"""Bounds on text that crosses a trust boundary: status messages, quoted values, log lines.
+
+Pod annotations are written by tenants and registries answer whatever their
+owners like. Anything they say that we repeat (a media type in an error, a URL,
+a profile's key) goes through :func:`quote_untrusted`: cut short and stripped
+of control characters, so it can neither forge a log line nor grow an answer.
+Every status message the runtime receives is cut by :func:`status_message` in
+the one place that encodes error answers (``ttrpc.error_response``): an answer
+that does not fit the runtime's 4 MiB frame cannot be sent at all, and the
+runtime then drops the plugin from the node. Log records are cut by
+:class:`BoundedFormatter`.
+"""
 
 from __future__ import annotations
 
-import re
+import logging
+from urllib.parse import urlsplit, urlunsplit
 
-# C0 and C1 controls, DEL, zero-width and bidirectional formatting characters,
-# line and paragraph separators: nothing that can forge or hide part of a line
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
+#: bytes of a status message the runtime receives (containerd shows it to the pod's author)
+MAX_STATUS = 2048
+#: characters of one log line (a traceback counts as part of its line)
+MAX_LOG = 4096
+#: characters of one value quoted from a registry, a profile or an annotation
+MAX_QUOTED = 100
 
 
-def quote_untrusted(value: object, limit: int = 100) -> str:
-    """``value`` as text of at most ``limit`` characters, without control characters.
+def clean(text: str) -> str:
+    """``text`` with every control or non-printable character replaced by its escape."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
-    A cut is marked with a trailing "…" (counted in the limit). Bytes are decoded
-    as UTF-8 with replacement. The work is bounded by the limit, not by the input.
+
+def cut(text: str, limit: int) -> str:
+    """At most ``limit`` characters, saying how many more there were."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text) - limit} more characters cut)"
+
+
+def quote_untrusted(value: object, limit: int = MAX_QUOTED) -> str:
+    """A value someone else chose, quoted for a message: cut, then cleaned, then quoted."""
+    text = value if isinstance(value, str) else str(value)
+    # cut before cleaning: cleaning a 4 MiB string first would be the expensive part
+    head = text[:limit]
+    shown = "'" + clean(head) + "'"
+    if len(text) > limit:
+        shown += f"… ({len(text) - limit} more characters cut)"
+    return shown
+
+
+def strip_query(url: str) -> str:
+    """A URL without its query and fragment: pre-signed URLs carry their signatures there."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return quote_untrusted(url)
+    return clean(urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")))
+
+
+def status_message(message: str, limit: int = MAX_STATUS) -> str:
+    """A status message that always fits: one line, at most ``limit`` bytes of UTF-8."""
+    text = clean(message)
+    raw = text.encode("utf-8", "replace")
+    if len(raw) <= limit:
+        return text
+    head = raw[: limit - 48].decode("utf-8", "ignore")
+    return f"{head}… ({len(raw) - len(head.encode())} more bytes cut)"
+
+
+class BoundedFormatter(logging.Formatter):
+    """One log record = one line of at most :data:`MAX_LOG` characters.
+
+    Newlines in the message are escaped so that text from a registry cannot
+    start a forged line; a traceback keeps its lines but is cut too.
     """
-    if isinstance(value, bytes | bytearray):
-        text = bytes(value[: limit * 8]).decode("utf-8", errors="replace")
-    else:
-        text = value if isinstance(value, str) else str(value)
-    head = text[: limit * 4]
-    cut = len(text) > len(head)
-    head = _UNSAFE.sub("", head)
-    if cut or len(head) > limit:
-        head = head[: max(limit - 1, 0)] + "…"
-    return head
 
+    def __init__(self, fmt: str | None = None, limit: int = MAX_LOG) -> None:
+        super().__init__(fmt)
+        self.limit = limit
 
-__all__ = ["quote_untrusted"]
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return cut(clean(super().formatMessage(record)), self.limit)
+
+    def formatException(self, ei: object) -> str:
+        return cut(super().formatException(ei), self.limit)  # type: ignore[arg-type]

@@ -46,6 +46,11 @@ TMP_PREFIX = ".tmp-"
 INDEX_NAME = "index.json"
 PID_NAME = "lock"
 DEFAULT_MAX_BYTES = 256 * 2**20
+#: references the index remembers; each one a pod author can name, so it is bounded
+DEFAULT_MAX_ENTRIES = 2048
+#: the cache says which references tenants use: only its owner reads it
+DIR_MODE = 0o700
+FILE_MODE = 0o600
 
 
 class CacheError(Exception):
@@ -106,11 +111,15 @@ class Cache:
     in-memory bookkeeping are serialised.
     """
 
-    def __init__(self, root: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+    def __init__(self, root: Path, max_bytes: int = DEFAULT_MAX_BYTES,
+                 max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
         if max_bytes <= 0:
             raise ValueError(f"cache max_bytes must be positive, not {max_bytes}")
+        if max_entries <= 0:
+            raise ValueError(f"cache max_entries must be positive, not {max_entries}")
         self.root = Path(root)
         self.max_bytes = max_bytes
+        self.max_entries = max_entries
         self._blob_dir = self.root / "blobs" / "sha256"
         self._index_path = self.root / INDEX_NAME
         self._lock = threading.Lock()
@@ -119,10 +128,11 @@ class Cache:
         self._tmp_seq = itertools.count()
         self._closed = False
         try:
-            self._blob_dir.mkdir(parents=True, exist_ok=True)
+            self._blob_dir.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
         except OSError as exc:
             raise CacheWriteError(f"cannot create cache directory {self._blob_dir}: "
                                   f"{_why(exc)}") from exc
+        self._restrict()
         self._dir_fd = self._take_lock()
         try:
             self.writable = self._write_pid()
@@ -167,7 +177,7 @@ class Cache:
         """Record our pid for the error of a second process; False if the root is unwritable."""
         path = self.root / PID_NAME
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
             try:
                 os.write(fd, f"{os.getpid()}\n".encode())
             finally:
@@ -177,6 +187,20 @@ class Cache:
                         "new profiles will not be kept", self.root, _why(exc))
             return False
         return True
+
+    def _restrict(self) -> None:
+        """No access for group and others, also to a cache an older version left readable.
+
+        Only bits are taken away: a cache made read-only on purpose stays read-only.
+        """
+        paths = [self.root, self.root / "blobs", self._blob_dir, self._index_path]
+        with contextlib.suppress(OSError), os.scandir(self._blob_dir) as it:
+            paths += [Path(e.path) for e in it if e.is_file(follow_symlinks=False)]
+        for path in paths:
+            with contextlib.suppress(OSError):
+                mode = stat.S_IMODE(os.lstat(path).st_mode)
+                if mode & 0o077:
+                    os.chmod(path, mode & 0o700, follow_symlinks=False)
 
     def _remove_leftovers(self) -> None:
         # safe only because we hold the lock: no other writer can own these
@@ -475,7 +499,31 @@ class Cache:
             blob = self._blobs.get(hexd)
             if blob is not None:
                 blob.last_used = now
+            self._forget_locked()
         self._flush_index(best_effort=False)
+
+    def _forget_locked(self) -> None:
+        """Past max_entries, the least recently used references go, and blobs only they named."""
+        excess = len(self._index) - self.max_entries
+        if excess <= 0:
+            return
+        oldest = sorted(self._index.items(), key=lambda kv: kv[1].last_used)[:excess]
+        for ref, _ in oldest:
+            del self._index[ref]
+        named = {e.digest[7:] for e in self._index.values()}
+        for hexd in {e.digest[7:] for _, e in oldest} - named:
+            blob = self._blobs.pop(hexd, None)
+            if blob is None:
+                continue
+            try:
+                (self._blob_dir / hexd).unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("cannot evict cached blob sha256:%s: %s", hexd, _why(exc))
+                self._blobs[hexd] = blob
+        log.info("cache index over %d references: forgot the %d least recently used",
+                 self.max_entries, excess)
 
     def _flush_index(self, *, best_effort: bool) -> None:
         with self._index_io:
@@ -512,7 +560,7 @@ class Cache:
         """A fsync'd temporary file next to ``final``, ready to be renamed over it."""
         tmp = final.parent / f"{TMP_PREFIX}{final.name}-{os.getpid()}-{next(self._tmp_seq)}"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
         except OSError as exc:
             raise CacheWriteError(f"cannot write {final}: {_why(exc)}") from exc
         try:

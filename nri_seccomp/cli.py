@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from nri_seccomp import stub
+from nri_seccomp.bounded import BoundedFormatter
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,11 +34,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    # one line per record, bounded: registries and annotations reach these messages
+    handler.setFormatter(BoundedFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), handlers=[handler])
     plugin: object
     if args.empty:
         from nri_seccomp.baseline import EmptyPlugin

@@ -70,8 +70,24 @@ class Config:
     allow_listener: bool = False
     #: force runtime capabilities (a distribution that backported a fix)
     runtime_overrides: Mapping[str, bool] = field(default_factory=dict)
-    #: concurrent registry fetches
+    #: concurrent registry fetches, in all
     fetch_workers: int = 8
+    #: concurrent fetches from one registry
+    registry_concurrency: int = 4
+    #: profiles one namespace (tenant) resolves at a time; more wait their turn
+    namespace_concurrency: int = 2
+    #: profiles one namespace may have waiting or in flight; more are refused as busy
+    namespace_inflight: int = 32
+    #: distinct profiles one pod's creation starts fetching early
+    prefetch_per_pod: int = 4
+    #: concurrent image-annotation lookups (an unannotated container never waits for more)
+    image_lookup_concurrency: int = 4
+    #: bytes of compiled profiles kept in memory (least recently used go first)
+    memory_max_bytes: int = 64 * 1024 * 1024
+    #: seconds a refused profile layer is remembered with its message (retries cost nothing)
+    refused_ttl: float = 600.0
+    #: seconds any failed reference is answered from memory before it is tried again
+    failure_ttl: float = 5.0
     log_level: str = "info"
     registry: RegistrySettings = field(default_factory=RegistrySettings)
 
@@ -188,6 +204,14 @@ _RANGES: dict[str, tuple[float, float]] = {
     "tag_ttl": (0.0, 365 * 86400.0),
     "stale_if_error_max_age": (0.0, 365 * 86400.0),
     "fetch_workers": (1, 64),
+    "registry_concurrency": (1, 64),
+    "namespace_concurrency": (1, 64),
+    "namespace_inflight": (1, 1024),
+    "prefetch_per_pod": (0, 64),
+    "image_lookup_concurrency": (1, 64),
+    "memory_max_bytes": (1024 * 1024, 1 << 34),
+    "refused_ttl": (0.0, 7 * 86400.0),
+    "failure_ttl": (0.0, 3600.0),
     "timeout": (0.05, 30.0),
     "max_profile_bytes": (1024, MAX_PROFILE_BYTES),
 }

@@ -9,7 +9,7 @@ workload that asked for a profile never runs without it.
 from __future__ import annotations
 
 import asyncio
-import collections
+import dataclasses
 import functools
 import logging
 import time
@@ -17,18 +17,27 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from nri_seccomp import compat, config, policy, profile, reference, resolver, runtimes, ttrpc
-from nri_seccomp.artifacts import ArtifactError, ArtifactFetcher, FetchSettings
+from nri_seccomp.artifacts import ArtifactError, ArtifactFetcher, FetchSettings, PolicyError
 from nri_seccomp.cache import Cache, CacheError
 from nri_seccomp.images import ImageAnnotations, ImageLookupError
+from nri_seccomp.memo import BoundedMap
 from nri_seccomp.pb import nri_pb2
-from nri_seccomp.store import Compiled, NotReady, ProfileRejected, ProfileStore, StoreSettings
+from nri_seccomp.store import (
+    Compiled,
+    InlineCompiler,
+    NotReady,
+    ProfileRejected,
+    ProfileStore,
+    StoreSettings,
+)
 from nri_seccomp.stub import RuntimeInfo
 
 log = logging.getLogger(__name__)
 
 IMAGE_NAME_ANNOTATION = "io.kubernetes.cri.image-name"
-#: translations (profile digest, runtime) kept in memory
+#: translations (profile digest, runtime) kept in memory, in entries and in bytes
 TRANSLATIONS_KEPT = 256
+TRANSLATIONS_BYTES = 32 * 1024 * 1024
 
 
 class SeccompPlugin:
@@ -40,13 +49,20 @@ class SeccompPlugin:
         self.store: ProfileStore | None = None
         self.images: ImageAnnotations | None = None
         self._executor: ThreadPoolExecutor | None = None
-        self._translations: collections.OrderedDict[
+        self._disk_executor: ThreadPoolExecutor | None = None
+        self._translations: BoundedMap[
             tuple[str, runtimes.RuntimeCaps, bool], asyncio.Future[compat.Translation]
-        ] = collections.OrderedDict()
+        ] = BoundedMap(TRANSLATIONS_KEPT, TRANSLATIONS_BYTES, _translation_bytes)
 
     # ---- lifecycle -----------------------------------------------------------
 
     async def configure(self, text: str, runtime: RuntimeInfo) -> None:
+        """Apply a configuration completely, or refuse it and keep the one in force.
+
+        An external plugin is configured again each time it reconnects: the new
+        registry settings (allow-list, digest rule, credentials, TLS) then apply to
+        every later request, cached profiles included.
+        """
         try:
             cfg = (
                 config.load_file(self._config_path)
@@ -56,10 +72,17 @@ class SeccompPlugin:
             caps = runtimes.capabilities(
                 runtime.name, runtime.version, runtime.nri_version, cfg.runtime_overrides
             )
+            if self.store is not None and cfg.cache_dir != self.config.cache_dir:
+                raise config.ConfigError(
+                    f"cache_dir changed from {self.config.cache_dir} to {cfg.cache_dir}: "
+                    "restart the plugin to move its cache")
+            fetcher = self._fetcher(cfg.registry) if (
+                self.store is None or cfg.registry != self.config.registry) else None
         except (config.ConfigError, ValueError) as exc:
             log.error("refusing configuration: %s", exc)
             raise ttrpc.RpcError(ttrpc.Code.INVALID_ARGUMENT, str(exc)) from exc
         logging.getLogger("nri_seccomp").setLevel(cfg.log_level.upper())
+        previous = self.config
         self.config, self.caps, self.runtime = cfg, caps, runtime
         self._translations.clear()
         log.info(
@@ -71,16 +94,20 @@ class SeccompPlugin:
             "carried" if caps.keeps_default_errno else "dropped (materialised or refused)",
         )
         if self.store is None:
-            self.store = self._build_store(cfg)
+            assert fetcher is not None
+            self.store = self._build_store(cfg, fetcher)
+        elif fetcher is not None:
+            self.store.set_fetcher(fetcher)
+            if self.images is not None:
+                self.images.set_fetcher(fetcher)
+            log.info("registry settings changed: %s", _changed(previous.registry, cfg.registry))
 
-    def _build_store(self, cfg: config.Config) -> ProfileStore:
-        reg = cfg.registry
+    def _build_store(self, cfg: config.Config, fetcher: ArtifactFetcher) -> ProfileStore:
+        # lanes of their own: registry calls, disk I/O and compiling never wait for each other
         self._executor = ThreadPoolExecutor(cfg.fetch_workers, thread_name_prefix="fetch")
-        try:
-            fetcher = self._fetcher(reg)
-        except ValueError as exc:  # unreadable docker config
-            raise ttrpc.RpcError(ttrpc.Code.INVALID_ARGUMENT, str(exc)) from exc
-        self.images = ImageAnnotations(fetcher, self._executor)
+        self._disk_executor = ThreadPoolExecutor(2, thread_name_prefix="disk")
+        self._compile_executor = ThreadPoolExecutor(1, thread_name_prefix="compile")
+        self.images = ImageAnnotations(fetcher, cfg.image_lookup_concurrency)
         disk: Cache | None
         try:
             disk = Cache(Path(cfg.cache_dir), cfg.cache_max_bytes)
@@ -91,17 +118,25 @@ class SeccompPlugin:
         return ProfileStore(
             fetcher,
             disk,
-            self._executor,
+            self._disk_executor,
+            InlineCompiler(self._compile_executor),
             StoreSettings(
                 tag_ttl=cfg.tag_ttl,
                 stale_if_error_max_age=cfg.stale_if_error_max_age,
                 unknown_syscalls=cfg.unknown_syscalls,
+                memory_max_bytes=cfg.memory_max_bytes,
+                fetch_concurrency=cfg.fetch_workers,
+                registry_concurrency=cfg.registry_concurrency,
+                owner_concurrency=cfg.namespace_concurrency,
+                owner_inflight_limit=cfg.namespace_inflight,
+                refused_ttl=cfg.refused_ttl,
+                failure_ttl=cfg.failure_ttl,
             ),
             profile.node_context(),
         )
 
-    @staticmethod
-    def _fetcher(reg: config.RegistrySettings) -> ArtifactFetcher:
+    def _fetcher(self, reg: config.RegistrySettings) -> ArtifactFetcher:
+        """The registry client for these settings; ValueError for an unreadable docker config."""
         return ArtifactFetcher(
             FetchSettings(
                 timeout=reg.timeout,
@@ -122,9 +157,15 @@ class SeccompPlugin:
     # ---- events ----------------------------------------------------------------
 
     async def run_pod_sandbox(self, pod: nri_pb2.PodSandbox) -> None:
-        """Start fetching every profile the pod's annotations name, before its containers."""
+        """Start fetching the profiles the pod's annotations name, before its containers.
+
+        At most ``prefetch_per_pod`` of them: a pod with hundreds of annotations
+        must not fill the fetch lanes; the rest are fetched when a container asks.
+        """
         if self.store is None:
             return
+        started = skipped = 0
+        seen: set[str] = set()
         for key, value in pod.annotations.items():
             if not value or not key.startswith((resolver.KEY_V2 + "/", resolver.KEY_V1 + "/")):
                 continue
@@ -133,7 +174,18 @@ class SeccompPlugin:
                 ref = reference.parse(value)
             except (resolver.AnnotationError, reference.ReferenceError):
                 continue  # refused with its message when a container uses it
-            self.store.prefetch(ref)
+            if str(ref) in seen:
+                continue
+            seen.add(str(ref))
+            if started >= self.config.prefetch_per_pod:
+                skipped += 1
+                continue
+            if self.store.prefetch(ref, owner=pod.namespace):
+                started += 1
+        if skipped:
+            log.info("pod %s/%s names %d more profiles than prefetch_per_pod (%d); they are "
+                     "fetched when a container asks", pod.namespace, pod.name, skipped,
+                     self.config.prefetch_per_pod)
 
     async def create_container(
         self, pod: nri_pb2.PodSandbox, container: nri_pb2.Container, call: ttrpc.Call
@@ -159,11 +211,17 @@ class SeccompPlugin:
     async def _seccomp_for(
         self, pod: nri_pb2.PodSandbox, container: nri_pb2.Container, deadline: float
     ) -> nri_pb2.LinuxSeccomp | None:
+        decision = policy.eligibility(
+            container.linux if container.HasField("linux") else None,
+            self.caps,
+            self.config.when_profile_unknown,
+        )
         try:
             # pod annotations come first in CRI-O's order: the image's registry is asked
-            # only when they decide nothing
+            # only when they decide nothing, and only for a container that could take
+            # the image's profile
             match = resolver.resolve(pod.annotations, container.name, {})
-            if match is None:
+            if match is None and decision.outcome is not policy.Outcome.NOT_ELIGIBLE:
                 image_annotations = await self._image_annotations(container, deadline)
                 if image_annotations:
                     match = resolver.resolve(pod.annotations, container.name, image_annotations)
@@ -174,11 +232,6 @@ class SeccompPlugin:
         log.info("%s", match.log_line)
         if not match.reference:
             return None
-        decision = policy.eligibility(
-            container.linux if container.HasField("linux") else None,
-            self.caps,
-            self.config.when_profile_unknown,
-        )
         if decision.refuse:
             raise Refused(ttrpc.Code.FAILED_PRECONDITION, decision.reason)
         if not decision.eligible:
@@ -191,9 +244,11 @@ class SeccompPlugin:
             raise Refused(ttrpc.Code.INVALID_ARGUMENT, f"{match.key}: {exc}") from exc
         assert self.store is not None, "CreateContainer before Configure"
         try:
-            ready = await self.store.get(ref, deadline)
+            ready = await self.store.get(ref, deadline, owner=pod.namespace)
         except NotReady as exc:
             raise Refused(ttrpc.Code.UNAVAILABLE, str(exc)) from exc
+        except PolicyError as exc:
+            raise Refused(ttrpc.Code.PERMISSION_DENIED, str(exc)) from exc
         except ArtifactError as exc:
             raise Refused(
                 ttrpc.Code.FAILED_PRECONDITION,
@@ -249,9 +304,8 @@ class SeccompPlugin:
         key = (compiled.digest, self.caps, self.config.allow_errno_degrade)
         fut = self._translations.get(key)
         if fut is None:
-            assert self._executor is not None
             fut = asyncio.get_running_loop().run_in_executor(
-                self._executor,
+                self._compile_executor,
                 functools.partial(
                     compat.translate,
                     compiled.policy,
@@ -260,9 +314,9 @@ class SeccompPlugin:
                     origin=compiled.origin,
                 ),
             )
-            self._translations[key] = fut
-            while len(self._translations) > TRANSLATIONS_KEPT:
-                self._translations.popitem(last=False)
+            self._translations.put(key, fut)
+            # sized again once done: a pending translation counts as small
+            fut.add_done_callback(functools.partial(self._resize, key))
         try:
             if fut.done():  # the common case: no task, no timer
                 return fut.result()
@@ -277,6 +331,24 @@ class SeccompPlugin:
             ) from None
         except compat.UnsupportedByRuntime as exc:
             raise Refused(ttrpc.Code.FAILED_PRECONDITION, f"{ref}: {exc}") from exc
+
+
+    def _resize(
+        self, key: tuple[str, runtimes.RuntimeCaps, bool], fut: asyncio.Future[compat.Translation]
+    ) -> None:
+        if self._translations.get(key) is fut:
+            self._translations.put(key, fut)
+
+
+def _translation_bytes(fut: asyncio.Future[compat.Translation]) -> int:
+    if not fut.done() or fut.cancelled() or fut.exception() is not None:
+        return 1024
+    return 4 * fut.result().policy.ByteSize() + 1024
+
+
+def _changed(old: config.RegistrySettings, new: config.RegistrySettings) -> str:
+    keys = [f.name for f in dataclasses.fields(old) if getattr(old, f.name) != getattr(new, f.name)]
+    return ", ".join(keys) or "nothing"
 
 
 class Refused(Exception):

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError
 
+from nri_seccomp.bounded import status_message
 from nri_seccomp.pb import ttrpc_pb2
 
 log = logging.getLogger(__name__)
@@ -123,9 +124,10 @@ async def read_frame(stream: asyncio.StreamReader) -> Frame | None:
 
 
 def error_response(code: int, message: str) -> bytes:
+    """An error answer; the one place every status message is cut to what always fits."""
     resp = ttrpc_pb2.Response()
     resp.status.code = code
-    resp.status.message = message
+    resp.status.message = status_message(message)
     return resp.SerializeToString()
 
 
@@ -224,6 +226,12 @@ class Server:
         try:
             payload = await handler(req.payload, call)
             body = ttrpc_pb2.Response(payload=payload).SerializeToString()
+            if len(body) > MAX_MESSAGE:
+                # unsendable: the runtime would wait for its deadline and drop the plugin
+                log.error("ttrpc: %s answer of %d bytes exceeds %d, answering INTERNAL",
+                          key, len(body), MAX_MESSAGE)
+                body = error_response(Code.INTERNAL, f"{key}: answer of {len(body)} bytes "
+                                      f"exceeds the maximum message size of {MAX_MESSAGE}")
         except RpcError as exc:
             body = error_response(exc.code, exc.message)
         except DecodeError as exc:
@@ -237,7 +245,13 @@ class Server:
     @staticmethod
     def _reply(send: Send, stream_id: int, body: bytes) -> None:
         try:
-            send(encode_frame(stream_id, TYPE_RESPONSE, body))
+            frame = encode_frame(stream_id, TYPE_RESPONSE, body)
+        except ValueError:
+            # never leave a request unanswered: a short error always encodes
+            frame = encode_frame(stream_id, TYPE_RESPONSE,
+                                 error_response(Code.INTERNAL, "answer too large to send"))
+        try:
+            send(frame)
         except (ConnectionError, OSError) as exc:
             log.info("ttrpc: could not answer stream %d: %s", stream_id, exc)
 
@@ -257,6 +271,14 @@ class Client:
         self._closed: Exception | None = None
 
     async def run(self) -> None:
+        try:
+            await self._read_responses()
+        finally:
+            # however reading ended (EOF, framing error, cancellation), no call waits for ever
+            if self._closed is None:
+                self._fail(ConnectionResetError("ttrpc: connection closed"))
+
+    async def _read_responses(self) -> None:
         try:
             while True:
                 frame = await read_frame(self._stream)

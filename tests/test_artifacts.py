@@ -823,13 +823,3 @@ def test_image_annotations_follow_the_allow_list(registry: LocalRegistry) -> Non
 ])
 def test_address_classification(address: str, public: bool) -> None:
     assert artifacts.is_public_address(address) is public
-
-
-def test_quote_untrusted() -> None:
-    from nri_seccomp.bounded import quote_untrusted
-
-    assert quote_untrusted("a\x1b[31mb\r\nc\u202ed") == "a[31mbcd"
-    long = quote_untrusted("x" * 10_000_000)
-    assert len(long) == 100 and long.endswith("…")
-    assert quote_untrusted(b"\xff\x00ok", 10) == "\ufffdok"
-    assert quote_untrusted(None) == "None"

@@ -484,3 +484,35 @@ def test_sigkill_mid_write_never_leaves_a_partial_blob(
         round_ += 1
     print(f"{interrupted}/{round_} kills interrupted a write")
     assert interrupted >= 5, f"only {interrupted} of {round_} kills landed inside a write"
+
+
+def test_cache_is_owner_only(tmp_path: Path) -> None:
+    """The cache says which references tenants use: 0700 folders, 0600 files, old ones fixed."""
+    root = tmp_path / "c"
+    (root / "blobs" / "sha256").mkdir(parents=True, mode=0o755)
+    root.chmod(0o755)
+    with Cache(root) as c:
+        digest = c.put_blob(b"profile")
+        c.record("r.example/a/b:1", digest)
+    modes = {p.relative_to(root).as_posix(): p.stat().st_mode & 0o777
+             for p in [root, *root.rglob("*")]}
+    for name, mode in modes.items():
+        is_dir = (root / name).is_dir() if name != "." else True
+        assert mode == (0o700 if is_dir else 0o600), (name, oct(mode))
+
+
+def test_index_is_bounded_and_forgets_blobs_with_their_references(tmp_path: Path) -> None:
+    """One entry per distinct reference a pod author writes must not grow the index for ever."""
+    with Cache(tmp_path / "c", max_entries=3) as c:
+        digests = []
+        for i in range(5):
+            digest = c.put_blob(f"profile {i}".encode())
+            digests.append(digest)
+            c.record(f"r.example/a/p{i}:1", digest)
+            time.sleep(0.002)  # distinct last-use times
+        assert c.lookup("r.example/a/p0:1") is None and c.lookup("r.example/a/p1:1") is None
+        assert c.lookup("r.example/a/p4:1") is not None
+        assert c.get_blob(digests[0]) is None and c.get_blob(digests[4]) is not None
+    index = json.loads((tmp_path / "c" / "index.json").read_text())
+    assert sorted(index) == [f"r.example/a/p{i}:1" for i in (2, 3, 4)]
+    assert len(list((tmp_path / "c" / "blobs" / "sha256").iterdir())) == 3

@@ -66,10 +66,11 @@ SCENARIOS = [
      "image_annotations: false\n", "null", None),
     ("image annotation, container Unconfined", {}, "image-bare", "unconfined", "", "applied",
      "Found image specific seccomp profile annotation: {k1}={profile}"),
+    # an administrator's profile wins, so the image is not even looked up
+    # (test_ineligible_container_costs_no_image_lookup)
     ("image annotation, container RuntimeDefault", {}, "image-bare", "runtime-default", "",
-     "null", "RuntimeDefault seccomp profile wins over annotations"),
-    ("image annotation, container Localhost", {}, "image-bare", "localhost", "", "null",
-     "Localhost seccomp profile /var/lib/kubelet/seccomp/local.json wins"),
+     "null", None),
+    ("image annotation, container Localhost", {}, "image-bare", "localhost", "", "null", None),
     ("pod annotation KEY/POD", {"{k1}/POD": "{profile}"}, "", None, "", "applied",
      "Found pod specific seccomp profile annotation: {k1}/POD={profile}"),
     ("pod annotation KEY/<container>", {"{k2}/app": "{profile}"}, "", None, "", "applied",
@@ -240,4 +241,21 @@ def test_image_registry_not_asked_when_pod_annotations_decide(registry: LocalReg
 
     result = run(scenario())
     assert result.seccomp == expected_seccomp()
+    assert registry.requests_seen(r"GET /v2/app/bare/manifests/") == before
+
+
+@pytest.mark.parametrize("profile", ["runtime-default", "localhost"])
+def test_ineligible_container_costs_no_image_lookup(
+    registry: LocalRegistry, artifacts: dict[str, str], tmp_path: Path, profile: str
+) -> None:
+    """A container whose administrator chose its profile cannot take the image's: no lookup."""
+    before = registry.requests_seen(r"GET /v2/app/bare/manifests/")
+
+    async def scenario() -> driver.CreateResult:
+        async with plugin(base_config(tmp_path / "cache", registry.address)) as session:
+            return await session.conn.create_container(
+                pod(), container("app", profile, image=artifacts["image-bare"]))
+
+    result = run(scenario())
+    assert result.error is None and result.seccomp is None
     assert registry.requests_seen(r"GET /v2/app/bare/manifests/") == before

@@ -1,0 +1,358 @@
+"""The store's outcomes over in-memory fakes of its Protocols: milliseconds, no processes."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import pytest
+
+from nri_seccomp import artifacts, cache, profile
+from nri_seccomp.pb import nri_pb2
+from nri_seccomp.reference import Reference, parse
+from nri_seccomp.store import (
+    NotReady,
+    PreparedProfile,
+    ProfileRejected,
+    ProfileStore,
+    StoreSettings,
+)
+
+NODE = profile.NodeContext(arch="amd64", kernel=(6, 1))
+GOOD = b'{"defaultAction": "SCMP_ACT_ALLOW"}'
+BOMB = b'{"bomb": true}'
+
+
+def digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class FakeRegistry:
+    """Reference → layer bytes; ``down`` raises RegistryUnavailable, ``gate`` holds fetches."""
+
+    layers: dict[str, bytes] = field(default_factory=dict)
+    down: bool = False
+    gate: asyncio.Event | None = None
+    allowed: tuple[str, ...] = ("r.example/",)
+    calls: list[str] = field(default_factory=list)
+    downloads: int = 0
+    active: int = 0
+    peak: int = 0
+
+    def check_policy(self, ref: Reference) -> None:
+        if not str(ref).startswith(self.allowed):
+            raise artifacts.PolicyError(str(ref), "not allowed", registry=ref.registry)
+
+    async def fetch(
+        self,
+        ref: Reference,
+        deadline: float,
+        have: Callable[[str], Awaitable[bytes | None]] | None = None,
+    ) -> artifacts.Artifact:
+        self.calls.append(str(ref))
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+            if self.down:
+                raise artifacts.RegistryUnavailable(str(ref), "cannot connect",
+                                                    registry=ref.registry)
+            data = self.layers.get(f"{ref.registry}/{ref.repository}:{ref.tag}")
+            if data is None:
+                raise artifacts.NotFound(str(ref), "not found", registry=ref.registry)
+            held = await have(digest(data)) if have is not None else None
+            if held is None:
+                self.downloads += 1
+            return artifacts.Artifact(str(ref), "sha256:" + "0" * 64, digest(data), data,
+                                      artifacts.SECCOMP_CONFIG_MEDIA_TYPE, len(data))
+        finally:
+            self.active -= 1
+
+
+@dataclass
+class FakeCompiler:
+    compiles: int = 0
+
+    async def prepare(self, data: bytes, node: profile.NodeContext,
+                      unknown_syscalls: str) -> PreparedProfile:
+        self.compiles += 1
+        if data == BOMB:
+            raise profile.ProfileFieldError("syscalls[0] (names: read): too many conditions")
+        policy = nri_pb2.LinuxSeccomp(default_action="SCMP_ACT_ALLOW")
+        policy.syscalls.add(names=[data.decode()[:20]], action="SCMP_ACT_ERRNO")
+        return PreparedProfile(policy.SerializeToString(), (0,))
+
+
+class FakeDisk:
+    def __init__(self) -> None:
+        self.blobs: dict[str, bytes] = {}
+        self.index: dict[str, cache.IndexEntry] = {}
+
+    def lookup(self, reference: str) -> cache.IndexEntry | None:
+        return self.index.get(reference)
+
+    def get_blob(self, digest: str) -> bytes | None:
+        return self.blobs.get(digest)
+
+    def put_blob(self, data: bytes, expected_digest: str | None = None) -> str:
+        self.blobs[digest(data)] = data
+        return digest(data)
+
+    def record(self, reference: str, digest: str, fetched_at: float | None = None) -> None:
+        now = time.time() if fetched_at is None else fetched_at
+        self.index[reference] = cache.IndexEntry(digest, now, now)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(registry: FakeRegistry, disk: FakeDisk | None = None, clock: Clock | None = None,
+         **settings: object) -> tuple[ProfileStore, FakeCompiler]:
+    compiler = FakeCompiler()
+    store = ProfileStore(registry, disk, None, compiler,
+                         StoreSettings(**settings),  # type: ignore[arg-type]
+                         NODE, clock=clock or Clock())
+    return store, compiler
+
+
+def run(coro: Awaitable[object]) -> object:
+    async def main() -> object:
+        return await coro
+    return asyncio.run(main())
+
+
+def soon() -> float:
+    return time.monotonic() + 1.0
+
+
+TAG = parse("r.example/p/a:1")
+
+
+def test_tag_fresh_is_served_from_memory_without_the_registry() -> None:
+    reg = FakeRegistry({"r.example/p/a:1": GOOD})
+    store, compiler = make(reg)
+
+    async def go() -> list[str]:
+        return [(await store.get(TAG, soon())).source for _ in range(3)]
+
+    assert run(go()) == ["registry", "memory", "memory"]
+    assert reg.calls == [str(TAG)] and compiler.compiles == 1
+
+
+def test_tag_past_ttl_is_rechecked_and_unchanged_layer_not_downloaded() -> None:
+    reg, disk, clock = FakeRegistry({"r.example/p/a:1": GOOD}), FakeDisk(), Clock()
+    store, compiler = make(reg, disk, clock, tag_ttl=10.0)
+
+    async def go() -> list[str]:
+        first = (await store.get(TAG, soon())).source
+        clock.now += 11
+        return [first, (await store.get(TAG, soon())).source]
+
+    assert run(go()) == ["registry", "registry"]
+    assert len(reg.calls) == 2 and reg.downloads == 1 and compiler.compiles == 1
+
+
+def test_tag_past_ttl_with_registry_down_is_served_stale() -> None:
+    reg, disk, clock = FakeRegistry({"r.example/p/a:1": GOOD}), FakeDisk(), Clock()
+    store, _ = make(reg, disk, clock, tag_ttl=10.0)
+
+    async def go() -> str:
+        await store.get(TAG, soon())
+        clock.now += 11
+        reg.down = True
+        return (await store.get(TAG, soon())).source
+
+    assert run(go()) == "stale"
+
+
+def test_tag_past_stale_max_age_with_registry_down_fails() -> None:
+    reg, disk, clock = FakeRegistry({"r.example/p/a:1": GOOD}), FakeDisk(), Clock()
+    store, _ = make(reg, disk, clock, tag_ttl=10.0, stale_if_error_max_age=20.0)
+
+    async def go() -> None:
+        await store.get(TAG, soon())
+        clock.now += 21
+        reg.down = True
+        await store.get(TAG, soon())
+
+    with pytest.raises(artifacts.RegistryUnavailable):
+        run(go())
+
+
+def test_slow_recheck_serves_the_cached_profile_at_once() -> None:
+    """A cached profile is always served: a hanging re-check does not hold the container."""
+    reg, clock = FakeRegistry({"r.example/p/a:1": GOOD}), Clock()
+    store, _ = make(reg, None, clock, tag_ttl=10.0, revalidate_wait=0.05)
+
+    async def go() -> str:
+        await store.get(TAG, soon())
+        clock.now += 11
+        reg.gate = asyncio.Event()
+        ready = await store.get(TAG, soon())
+        reg.gate.set()
+        return ready.source
+
+    assert run(go()) == "stale"
+
+
+def test_digest_reference_is_served_from_disk_with_registry_down() -> None:
+    ref = parse(f"r.example/p/a:1@sha256:{'1' * 64}")
+    reg, disk = FakeRegistry({"r.example/p/a:1": GOOD}), FakeDisk()
+    first, _ = make(reg, disk)
+    run(first.get(ref, soon()))
+    reg.down = True
+    second, compiler = make(reg, disk)  # a restart: empty memory, same disk
+    ready = run(second.get(ref, soon()))
+    assert ready.source == "cache" and compiler.compiles == 1  # type: ignore[attr-defined]
+
+
+def test_single_flight_one_fetch_for_many_waiters() -> None:
+    reg = FakeRegistry({"r.example/p/a:1": GOOD}, gate=asyncio.Event())
+    store, compiler = make(reg)
+
+    async def go() -> list[str]:
+        waiters = [asyncio.create_task(store.get(TAG, soon())) for _ in range(50)]
+        await asyncio.sleep(0.01)
+        assert reg.gate is not None
+        reg.gate.set()
+        return [r.source for r in await asyncio.gather(*waiters)]
+
+    assert run(go()) == ["registry"] * 50
+    assert reg.calls == [str(TAG)] and compiler.compiles == 1
+
+
+def test_deadline_passes_and_the_fetch_goes_on_for_the_retry() -> None:
+    reg = FakeRegistry({"r.example/p/a:1": GOOD}, gate=asyncio.Event())
+    store, _ = make(reg)
+
+    async def go() -> str:
+        with pytest.raises(NotReady, match="is still being fetched, retry"):
+            await store.get(TAG, time.monotonic() + 0.02)
+        assert reg.gate is not None
+        reg.gate.set()
+        await asyncio.sleep(0.01)
+        return (await store.get(TAG, soon())).source
+
+    assert run(go()) == "memory"
+    assert len(reg.calls) == 1
+
+
+def test_prefetch_then_get_costs_one_fetch() -> None:
+    reg = FakeRegistry({"r.example/p/a:1": GOOD})
+    store, _ = make(reg)
+
+    async def go() -> tuple[bool, bool, str]:
+        started = store.prefetch(TAG, owner="ns")
+        again = store.prefetch(TAG, owner="ns")
+        await asyncio.sleep(0.01)
+        return started, again, (await store.get(TAG, soon(), owner="ns")).source
+
+    assert run(go()) == (True, False, "memory")
+    assert len(reg.calls) == 1
+
+
+def test_policy_applies_to_cached_profiles() -> None:
+    reg = FakeRegistry({"r.example/p/a:1": GOOD})
+    store, _ = make(reg)
+
+    async def go() -> None:
+        await store.get(TAG, soon())
+        store.set_fetcher(FakeRegistry({"r.example/p/a:1": GOOD}, allowed=("other.example/",)))
+        await store.get(TAG, soon())
+
+    with pytest.raises(artifacts.PolicyError):
+        run(go())
+
+
+def test_refused_layer_is_remembered_and_never_compiled_again() -> None:
+    reg = FakeRegistry({"r.example/p/a:1": BOMB, "r.example/p/b:1": BOMB})
+    store, compiler = make(reg, FakeDisk(), failure_ttl=0.0)
+
+    async def go() -> list[str]:
+        messages = []
+        for name in ("a", "a", "b"):
+            with pytest.raises(ProfileRejected) as info:
+                await store.get(parse(f"r.example/p/{name}:1"), soon())
+            messages.append(str(info.value))
+        return messages
+
+    messages = run(go())
+    assert compiler.compiles == 1  # the same layer under another tag costs nothing either
+    assert all("too many conditions" in m for m in messages)  # type: ignore[union-attr]
+
+
+def test_failed_reference_is_answered_from_memory_for_failure_ttl() -> None:
+    reg = FakeRegistry({})
+    store, _ = make(reg, failure_ttl=60.0)
+
+    async def go() -> None:
+        for _ in range(3):
+            with pytest.raises(artifacts.NotFound):
+                await store.get(TAG, soon())
+
+    run(go())
+    assert len(reg.calls) == 1
+
+
+def test_one_namespace_cannot_fill_the_fetch_slots() -> None:
+    reg = FakeRegistry({f"r.example/p/x{i}:1": GOOD for i in range(10)}
+                       | {"r.example/p/other:1": GOOD}, gate=asyncio.Event())
+    store, _ = make(reg, owner_inflight_limit=4, owner_concurrency=2)
+
+    async def go() -> str:
+        started = [store.prefetch(parse(f"r.example/p/x{i}:1"), owner="greedy")
+                   for i in range(10)]
+        assert started == [True] * 4 + [False] * 6
+        with pytest.raises(NotReady, match="4 profiles of greedy are being fetched already"):
+            await store.get(parse("r.example/p/x9:1"), soon(), owner="greedy")
+        other = asyncio.create_task(store.get(parse("r.example/p/other:1"), soon(),
+                                              owner="quiet"))
+        await asyncio.sleep(0.01)
+        # two of greedy's resolve at a time; the quiet namespace's runs beside them
+        assert reg.active == 3
+        assert reg.gate is not None
+        reg.gate.set()
+        return (await other).source
+
+    assert run(go()) == "registry"
+
+
+def test_one_registry_gets_at_most_registry_concurrency_fetches() -> None:
+    reg = FakeRegistry({f"r.example/p/x{i}:1": GOOD for i in range(10)}, gate=asyncio.Event())
+    store, _ = make(reg, registry_concurrency=3, owner_concurrency=10)
+
+    async def go() -> None:
+        for i in range(10):
+            store.prefetch(parse(f"r.example/p/x{i}:1"), owner="ns")
+        await asyncio.sleep(0.01)
+        assert reg.active == 3
+        assert reg.gate is not None
+        reg.gate.set()
+        await asyncio.sleep(0.01)
+
+    run(go())
+    assert reg.peak == 3
+
+
+def test_memory_is_bounded_in_bytes() -> None:
+    layers = {f"r.example/p/x{i}:1": f"profile {i} ".encode() * 100 for i in range(20)}
+    reg = FakeRegistry(layers)
+    store, _compiler = make(reg, memory_max_bytes=4 * 1024)
+
+    async def go() -> None:
+        for i in range(20):
+            await store.get(parse(f"r.example/p/x{i}:1"), soon())
+
+    run(go())
+    held = store._compiled  # the bound is what this test is about
+    assert held.total_bytes <= 4 * 1024 and 0 < len(held) < 20
