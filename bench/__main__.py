@@ -140,7 +140,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         del small
         # Debian's profile needs allow_errno_degrade on every containerd (see README)
         config = (f"cache_dir: {tmp}/cache\nallow_errno_degrade: true\n"
-                  f"registry: {{insecure: [{reg.address}]}}\n")
+                  f"registry: {{insecure: [{reg.address}], allowed: ['{reg.address}/*']}}\n")
         base = f"{reg.address}/bench"
 
         # ---- start-up ------------------------------------------------------

@@ -9,6 +9,7 @@ silently ignored.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -36,9 +37,11 @@ class RegistrySettings:
     ca_file: str | None = None
     #: docker config.json with "auths" credentials
     docker_config: str | None = None
-    #: glob patterns over "registry/repository"; the default allows every registry
-    allowed: tuple[str, ...] = ("*",)
+    #: glob patterns over "registry/repository"; empty (the default) allows no registry
+    allowed: tuple[str, ...] = ()
     require_digest: bool = False
+    #: hosts ("host" or "host:port") a registry may name as its token realm besides itself
+    token_realm_hosts: tuple[str, ...] = ("auth.docker.io",)
     max_profile_bytes: int = MAX_PROFILE_BYTES
 
 
@@ -189,6 +192,9 @@ def _value(key: str, value: Any, where: str, default: Any) -> Any:
         if key == "allowed":
             for pattern in value:
                 _check_pattern(pattern, where)
+        if key == "token_realm_hosts":
+            for host in value:
+                _check_host(host, where)
         return tuple(value)
     # strings, possibly optional
     if value is None and default is None:
@@ -239,6 +245,11 @@ def _check_pattern(pattern: str, where: str) -> None:
             f"{where}: {pattern!r} names no repository; write {pattern + '/*'!r} to allow "
             "the whole registry"
         )
+
+
+def _check_host(host: str, where: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?", host):
+        raise ConfigError(f"{where}: {host!r} must be a host or host:port")
 
 
 def _kind(value: Any) -> str:

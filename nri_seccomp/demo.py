@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         config = (
             f"cache_dir: {tmp}/cache\n"
-            f"registry: {{insecure: [{reg.address}]}}\n"
+            f"registry: {{insecure: [{reg.address}], allowed: ['{reg.address}/*']}}\n"
         )
         out: dict[str, object] = {"pod annotation": {f"{KEY_V1}/POD": ref}}
         for version in ("v2.3.0", "v2.2.4"):

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from nri_seccomp import compat, config, policy, profile, reference, resolver, runtimes, ttrpc
+from nri_seccomp import store as store_mod
 from nri_seccomp.artifacts import ArtifactError, ArtifactFetcher, FetchSettings, PolicyError
 from nri_seccomp.cache import Cache, CacheError
 from nri_seccomp.images import ImageAnnotations, ImageLookupError
@@ -28,7 +29,6 @@ from nri_seccomp.store import (
     ProfileRejected,
     ProfileStore,
     StoreSettings,
-    ThreadedFetcher,
 )
 from nri_seccomp.stub import RuntimeInfo
 from nri_seccomp.worker import Budget, CompileBudgetExceeded, SeccompWorkers
@@ -49,9 +49,9 @@ class SeccompPlugin:
         self.runtime = RuntimeInfo()
         self.store: ProfileStore | None = None
         self.images: ImageAnnotations | None = None
-        self._executor: ThreadPoolExecutor | None = None
         self._disk_executor: ThreadPoolExecutor | None = None
         self.workers: SeccompWorkers | None = None
+        self._retired: set[asyncio.Task[None]] = set()
         self._translations: BoundedMap[
             tuple[str, runtimes.RuntimeCaps, bool], asyncio.Future[Answer]
         ] = BoundedMap(TRANSLATIONS_KEPT, TRANSLATIONS_BYTES, _translation_bytes)
@@ -99,19 +99,21 @@ class SeccompPlugin:
             assert fetcher is not None
             self.store = self._build_store(cfg, fetcher)
         elif fetcher is not None:
-            self.store.set_fetcher(fetcher)
+            old = self.store.set_fetcher(fetcher)
             if self.images is not None:
                 self.images.set_fetcher(fetcher)
+            # fetches already under way finish with the old client, within their own budget
+            retiring = asyncio.create_task(self._retire(old, StoreSettings.background_budget))
+            self._retired.add(retiring)
+            retiring.add_done_callback(self._retired.discard)
             log.info("registry settings changed: %s", _changed(previous.registry, cfg.registry))
 
-    def _build_store(self, cfg: config.Config, fetcher: ThreadedFetcher) -> ProfileStore:
+    def _build_store(self, cfg: config.Config, fetcher: ArtifactFetcher) -> ProfileStore:
         # lanes of their own: registry calls, disk I/O and compiling never wait for each other
-        self._executor = ThreadPoolExecutor(cfg.fetch_workers, thread_name_prefix="fetch")
         self._disk_executor = ThreadPoolExecutor(2, thread_name_prefix="disk")
         # libseccomp and the errno analysis run in processes that can be stopped
         self.workers = SeccompWorkers(
             Budget(cfg.compile_cpu_seconds, cfg.compile_wall_seconds, cfg.compile_workers))
-        fetcher.executor = self._executor
         self.images = ImageAnnotations(fetcher, cfg.image_lookup_concurrency)
         disk: Cache | None
         try:
@@ -140,9 +142,9 @@ class SeccompPlugin:
             profile.node_context(),
         )
 
-    def _fetcher(self, reg: config.RegistrySettings) -> ThreadedFetcher:
+    def _fetcher(self, reg: config.RegistrySettings) -> ArtifactFetcher:
         """The registry client for these settings; ValueError for an unreadable docker config."""
-        return ThreadedFetcher(ArtifactFetcher(
+        return ArtifactFetcher(
             FetchSettings(
                 timeout=reg.timeout,
                 max_size=reg.max_profile_bytes,
@@ -152,8 +154,13 @@ class SeccompPlugin:
                 docker_config=reg.docker_config,
                 allowed=reg.allowed,
                 require_digest=reg.require_digest,
+                token_realm_hosts=reg.token_realm_hosts,
             )
-        ), self._executor)
+        )
+
+    async def _retire(self, fetcher: store_mod.Fetcher, after: float) -> None:
+        await asyncio.sleep(after)
+        await fetcher.aclose()
 
     async def on_disconnect(self) -> None:
         self._translations.clear()

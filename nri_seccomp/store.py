@@ -104,6 +104,8 @@ class Fetcher(Protocol):
         have: Callable[[str], Awaitable[bytes | None]] | None = None,
     ) -> artifacts.Artifact: ...
 
+    async def aclose(self) -> None: ...
+
 
 class Compiler(Protocol):
     """Profile bytes → compiled policy, under a budget (``worker.SeccompWorkers``).
@@ -183,10 +185,14 @@ class ProfileStore:
         self._fetch_lane = asyncio.Semaphore(s.fetch_concurrency)
         self.fetches = 0
 
-    def set_fetcher(self, fetcher: Fetcher) -> None:
-        """A new registry configuration: what failed under the old one may work now."""
-        self._fetcher = fetcher
+    def set_fetcher(self, fetcher: Fetcher) -> Fetcher:
+        """A new registry configuration: what failed under the old one may work now.
+
+        Returns the fetcher it replaces, for the caller to close once its work is done.
+        """
+        old, self._fetcher = self._fetcher, fetcher
         self._failed.clear()
+        return old
 
     async def get(self, ref: Reference, deadline: float, owner: str = "") -> Ready:
         """The profile for ``ref``, or NotReady if it cannot be had by ``deadline``.
@@ -420,36 +426,3 @@ class InlineCompiler:
         return await asyncio.get_running_loop().run_in_executor(
             self._executor, prepare_inline, data, node, unknown_syscalls)
 
-
-class ThreadedFetcher:
-    """The blocking registry client behind the async :class:`Fetcher` protocol."""
-
-    def __init__(self, inner: artifacts.ArtifactFetcher, executor: Executor | None) -> None:
-        self.inner = inner
-        self.executor = executor
-
-    def check_policy(self, ref: Reference) -> None:
-        self.inner.check_policy(ref)
-
-    async def fetch(
-        self,
-        ref: Reference,
-        deadline: float,
-        have: Callable[[str], Awaitable[bytes | None]] | None = None,
-    ) -> artifacts.Artifact:
-        loop = asyncio.get_running_loop()
-
-        def have_here(digest: str) -> bytes | None:
-            assert have is not None
-
-            async def ask() -> bytes | None:
-                return await have(digest)
-
-            return asyncio.run_coroutine_threadsafe(ask(), loop).result()
-
-        return await loop.run_in_executor(
-            self.executor, self.inner.fetch, ref, deadline, have_here if have else None)
-
-    async def manifest_annotations(self, ref: Reference, deadline: float) -> dict[str, str]:
-        return await asyncio.get_running_loop().run_in_executor(
-            self.executor, self.inner.manifest_annotations, ref, deadline)

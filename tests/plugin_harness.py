@@ -55,8 +55,15 @@ async def plugin(
         session.log = (await stderr_task).decode()
 
 
-def base_config(cache_dir: Path, registry: str, extra: str = "") -> str:
-    return f"cache_dir: {cache_dir}\nregistry: {{insecure: [{registry}]}}\n{extra}"
+def base_config(cache_dir: Path, registry: str, extra: str = "",
+                allowed: list[str] | None = None) -> str:
+    """``registry`` is "host:port" or several, comma-separated: plain HTTP, each allowed
+    (``allowed`` replaces the default "host:port/*" patterns)."""
+    hosts = [h.strip() for h in registry.split(",") if h.strip()]
+    patterns = allowed if allowed is not None else [f"{h}/*" for h in hosts]
+    listed = ", ".join(f"'{p}'" for p in patterns)
+    return (f"cache_dir: {cache_dir}\n"
+            f"registry: {{insecure: [{', '.join(hosts)}], allowed: [{listed}]}}\n{extra}")
 
 
 def container(

@@ -28,6 +28,7 @@ registry:
   allowed: ["ghcr.io/acme/*", "127.0.0.1:5000/*"]
   require_digest: true
   max_profile_bytes: 65536
+  token_realm_hosts: [auth.example.com, "10.0.0.5:8443"]
 """
     )
     assert cfg.cache_dir == "/tmp/x"
@@ -40,7 +41,14 @@ registry:
         allowed=("ghcr.io/acme/*", "127.0.0.1:5000/*"),
         require_digest=True,
         max_profile_bytes=65536,
+        token_realm_hosts=("auth.example.com", "10.0.0.5:8443"),
     )
+
+
+def test_registry_defaults_allow_nothing() -> None:
+    # no registry until the administrator lists some; Docker Hub's token server known
+    assert load("").registry.allowed == ()
+    assert load("").registry.token_realm_hosts == ("auth.docker.io",)
 
 
 @pytest.mark.parametrize(
@@ -61,6 +69,9 @@ registry:
         ("registry: {allowed: ['ghcr.io']}", "names no repository; write 'ghcr.io/*'"),
         ("registry: {allowed: [1]}", "registry.allowed: expected a list of non-empty strings"),
         ("registry: {ca_file: ''}", "registry.ca_file: expected a non-empty string"),
+        ("registry: {token_realm_hosts: ['https://auth.example.com/token']}",
+         "registry.token_realm_hosts: 'https://auth.example.com/token' must be a host or "
+         "host:port"),
         ("unknown_syscalls: ignore",
          "unknown_syscalls: expected one of refuse, warn, got 'ignore'"),
         ("when_profile_unknown: yes",

@@ -39,7 +39,7 @@ BAD = [
     ("status:401", "requires authentication"),
     ("status:404", "not found"),
     ("status:429", "HTTP 429"),
-    ("reset", "cannot reach"),
+    ("reset", "cannot connect to registry"),
     ("lying-size", "sent more than its advertised size"),
     ("bad-digest", "layer digest mismatch"),
 ]
@@ -171,7 +171,7 @@ def test_stale_tag_served_when_registry_down(tmp_path: Path) -> None:
                                                        container())
 
     result = run(strict())
-    assert result.error is not None and "cannot reach" in result.error.message
+    assert result.error is not None and "cannot connect to registry" in result.error.message
 
 
 @pytest.mark.parametrize("damage", ["truncate", "mismatch", "missing-index", "garbage-index"])
@@ -207,7 +207,7 @@ def test_cache_damage_is_refetched_or_refused(tmp_path: Path, damage: str) -> No
     result = run(use())
     if damage in ("truncate", "mismatch"):
         assert result.error is not None and result.seccomp is None
-        assert "cannot reach" in result.error.message
+        assert "cannot connect to registry" in result.error.message
     else:
         assert result.seccomp is not None
 
@@ -266,8 +266,7 @@ def test_registry_outside_allow_list(registry: LocalRegistry, tmp_path: Path) ->
     registry.push_profile("outside/p", "v1", PROFILE)
     ref = f"{registry.address}/outside/p:v1"
     before = registry.requests_seen(r"GET ")
-    config = base_config(tmp_path / "c", registry.address).replace(
-        "registry: {", "registry: {allowed: ['ghcr.io/acme/*'], ")
+    config = base_config(tmp_path / "c", registry.address, allowed=["ghcr.io/acme/*"])
 
     async def scenario() -> driver.CreateResult:
         async with plugin(config) as session:

@@ -186,7 +186,7 @@ def test_restart_serves_from_disk_with_registry_stopped(tmp_path: Path) -> None:
     assert tag.seccomp == expected_seccomp()
     assert dig.seccomp == expected_seccomp()
     assert cold.error is not None and cold.seccomp is None
-    assert f"{cold_ref}: cannot reach" in cold.error.message
+    assert f"{cold_ref}: cannot connect to registry" in cold.error.message
     assert cold.latency < 1.75
     assert time.monotonic() - t0 < 10
 

@@ -17,18 +17,29 @@ break HTTP in ways a real server never would. Modes:
   ``short``         the blob ends before the descriptor's size
   ``bad-digest``    the blob's bytes do not match the digest in the manifest
   ``index``         the manifest is an OCI image index
+  ``not-tls``       answer every connection at once with a plain-HTTP 400 and close
+                    (what a TLS client meets on a port that does not speak TLS)
 
-Requests are recorded (``requests``, ``seen``) to show what reached it.
+Options: ``manifest`` serves those bytes as every manifest; ``location`` is the
+``redirect`` Location (``{path}`` is replaced by the request's path); ``body``
+is the body of a ``status:N`` answer; ``challenge`` its WWW-Authenticate for
+401; ``tls`` (cert, key) serves HTTPS.
+
+Requests are recorded (``requests``, ``seen``) and TCP connections counted
+(``connections``) to show what reached it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import socket
 import socketserver
+import ssl
 import struct
 import threading
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -45,8 +56,18 @@ def _digest(data: bytes) -> str:
 
 class BadRegistry:
     def __init__(self, mode: str, profile: bytes = PROFILE, host: str = "127.0.0.1",
-                 interval: float = 1.0, target: str = "") -> None:
+                 interval: float = 1.0, target: str = "", *, manifest: bytes | None = None,
+                 location: str = "", body: bytes | None = None, challenge: str = "",
+                 tls: tuple[Path, Path] | None = None) -> None:
         self.mode = mode
+        self.location = location
+        self.body = body
+        self.challenge = challenge
+        self.connections = 0
+        self._tls: ssl.SSLContext | None = None
+        if tls is not None:
+            self._tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self._tls.load_cert_chain(str(tls[0]), str(tls[1]))
         self.profile = profile
         self.interval = interval
         self.target = target
@@ -54,8 +75,9 @@ class BadRegistry:
         self.requests: list[tuple[str, dict[str, str]]] = []
         self._lock = threading.Lock()
         self.config = b"{}\n"
+        manifest_override = manifest
         self.layer_digest = _digest(profile + b" " if mode == "bad-digest" else profile)
-        manifest: dict[str, Any] = {
+        doc: dict[str, Any] = {
             "schemaVersion": 2,
             "mediaType": OCI_MANIFEST,
             "config": {"mediaType": SECCOMP_CONFIG, "digest": _digest(self.config),
@@ -65,17 +87,32 @@ class BadRegistry:
                         "annotations": {"org.opencontainers.image.title": "seccomp.json"}}],
         }
         if mode == "index":
-            manifest = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
-                {"mediaType": OCI_MANIFEST, "digest": _digest(json.dumps(manifest).encode()),
-                 "size": len(json.dumps(manifest)),
+            doc = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+                {"mediaType": OCI_MANIFEST, "digest": _digest(json.dumps(doc).encode()),
+                 "size": len(json.dumps(doc)),
                  "platform": {"os": "linux", "architecture": "amd64"}}]}
-        self.manifest = json.dumps(manifest).encode()
+        self.manifest = manifest_override if manifest_override is not None else (
+            json.dumps(doc).encode())
         self.manifest_digest = _digest(self.manifest)
         outer = self
 
         class Handler(socketserver.BaseRequestHandler):
             def handle(self) -> None:
-                outer._handle(self.request)
+                with outer._lock:
+                    outer.connections += 1
+                conn = self.request
+                if outer.mode == "not-tls":
+                    with contextlib.suppress(OSError):
+                        conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n"
+                                     b"Connection: close\r\n\r\n")
+                    return
+                if outer._tls is not None:
+                    conn.settimeout(10)
+                    try:
+                        conn = outer._tls.wrap_socket(conn, server_side=True)
+                    except (ssl.SSLError, OSError):
+                        return
+                outer._handle(conn)
 
         class Server(socketserver.ThreadingTCPServer):
             daemon_threads = True
@@ -151,11 +188,13 @@ class BadRegistry:
             return False
         if mode.startswith("status:"):
             code = int(mode.split(":")[1])
-            extra = {"WWW-Authenticate": 'Basic realm="test"'} if code == 401 else {}
+            extra = ({"WWW-Authenticate": self.challenge or 'Basic realm="test"'}
+                     if code == 401 else {})
             if code == 429:
                 extra["Retry-After"] = "30"
-            body = json.dumps({"errors": [{"code": "TEST", "message": f"status {code}"}]})
-            return self._send(conn, code, body.encode(), extra, head=head)
+            body = self.body if self.body is not None else json.dumps(
+                {"errors": [{"code": "TEST", "message": f"status {code}"}]}).encode()
+            return self._send(conn, code, body, extra, head=head)
         if path == "/v2/":
             return self._send(conn, 200, b"{}", head=head)
         if "/manifests/" in path:
@@ -170,8 +209,9 @@ class BadRegistry:
         mode = self.mode
         data = self.profile
         if mode == "redirect":
-            return self._send(conn, 307, b"", {"Location": f"http://{self.target}{path}"},
-                              head=head)
+            where = (self.location.replace("{path}", path) if self.location
+                     else f"http://{self.target}{path}")
+            return self._send(conn, 307, b"", {"Location": where}, head=head)
         if mode == "lying-size":
             return self._send(conn, 200, data + b" " * EXTRA, chunked=True, head=head)
         if mode == "oversize-length":
