@@ -432,7 +432,7 @@ class ArtifactFetcher:
 
     def check_policy(self, ref: Reference) -> None:
         """PolicyError unless the configuration allows fetching ``ref``; no network."""
-        self._check_allowed(ref)
+        self.check_allowed(ref)
         if self.settings.require_digest and ref.digest is None:
             raise PolicyError(
                 str(ref),
@@ -473,7 +473,7 @@ class ArtifactFetcher:
 
     async def manifest_annotations(self, ref: Reference, deadline: float) -> dict[str, str]:
         """An image's manifest annotations (CRI-O's "image annotations"); same allow-list."""
-        self._check_allowed(ref)
+        self.check_allowed(ref)
         call = _Call(ref, deadline)
         body = (await self._within(call, self._manifest(call, MAX_IMAGE_MANIFEST))).body
         annotations = body.get("annotations") or {}
@@ -490,7 +490,8 @@ class ArtifactFetcher:
 
     # ---- policy ----------------------------------------------------------------
 
-    def _check_allowed(self, ref: Reference) -> None:
+    def check_allowed(self, ref: Reference) -> None:
+        """PolicyError unless ``registry.allowed`` lists the repository (image lookups too)."""
         name = ref.name
         if not self.settings.allowed:
             raise PolicyError(str(ref), "registry.allowed is empty: list the registries "

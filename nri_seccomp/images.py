@@ -40,7 +40,7 @@ class ImageLookupError(Exception):
 
 
 class ManifestSource(Protocol):
-    def check_policy(self, ref: Reference) -> None: ...
+    def check_allowed(self, ref: Reference) -> None: ...
 
     def manifest_annotations(self, ref: Reference, deadline: float) -> Awaitable[dict[str, str]]:
         ...
@@ -66,7 +66,8 @@ class ImageAnnotations:
         """
         key = str(ref)
         try:
-            self._fetcher.check_policy(ref)
+            # the allow-list alone: require_digest is about profiles, images come by tag
+            self._fetcher.check_allowed(ref)
         except PolicyError:
             return {}
         known = self._known.get(key)
