@@ -4,7 +4,7 @@ SYSTEM_PYTHON ?= python3
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 APT_PACKAGES := docker-registry libseccomp2 skopeo golang-github-containers-common
-PROTO_FILES := $(wildcard proto/nri_seccomp/pb/*.proto)
+PROTO_FILES := $(wildcard proto/nri_seccomp/nri/pb/*.proto)
 
 .PHONY: deps proto test lint demo bench install clean
 
@@ -31,12 +31,12 @@ test: deps
 	$(PYTHON) -m pytest -q -p no:cacheprovider
 
 lint: deps
-	$(PYTHON) -m ruff check nri_seccomp tests bench
-	$(PYTHON) -m mypy nri_seccomp
+	$(PYTHON) -m ruff check nri_seccomp devtools tests bench
+	$(PYTHON) -m mypy nri_seccomp devtools
 
 # A local registry, a sample annotated pod, and the linux.seccomp it gets.
 demo: deps
-	$(PYTHON) -m nri_seccomp.demo
+	$(PYTHON) -m devtools.demo
 
 bench: deps
 	$(PYTHON) -m bench

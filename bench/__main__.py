@@ -2,7 +2,7 @@
 
 Every figure comes from the real plugin subprocess driven through the project's
 runtime driver, over the same socketpair containerd would use. The baseline is
-the same transport answering an empty adjustment (``nri-seccomp --empty``), so a
+the same transport answering an empty adjustment (``devtools.baseline``), so a
 ratio shows what the seccomp work costs on this machine, whatever its noise.
 Prints one table and writes it as JSON (bench/results.json).
 """
@@ -21,11 +21,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from nri_seccomp import driver
-from nri_seccomp.pb import nri_pb2
-from nri_seccomp.resolver import KEY_V1
-from nri_seccomp.testing.badregistry import BadRegistry
-from nri_seccomp.testing.registry import LocalRegistry
+from devtools import driver
+from devtools.badregistry import BadRegistry
+from devtools.registry import LocalRegistry
+from nri_seccomp.decide.resolver import KEY_V1
+from nri_seccomp.nri.pb import nri_pb2
 
 from .profiles import compile_bomb, debian_default_profile, large_profile, small_profile
 
@@ -59,11 +59,11 @@ def pod_for(ref: str | None, i: int = 0) -> tuple[nri_pb2.PodSandbox, nri_pb2.Co
 LOG = Path(tempfile.gettempdir()) / "nri-seccomp-bench-plugin.log"
 
 
-async def start(args: list[str], config: str = "") -> driver.PluginConnection:
+async def start(argv: list[str], config: str = "") -> driver.PluginConnection:
     # the plugin logs one line per decision, as in production; keep it off the table
     with LOG.open("ab") as log:
         conn = await driver.spawn_plugin(
-            driver.plugin_command(*args), config=config, request_timeout=10.0,
+            argv, config=config, request_timeout=10.0,
             registration_timeout=10.0, stderr=log.fileno(),
         )
     await conn.handshake()
@@ -113,11 +113,11 @@ def rss_kib(pid: int) -> tuple[int, int]:
     return fields["VmRSS"], fields["VmHWM"]
 
 
-async def startup(args: list[str], rounds: int) -> dict[str, float]:
+async def startup(argv: list[str], rounds: int) -> dict[str, float]:
     reg, conf = [], []
     for _ in range(rounds):
         with LOG.open("ab") as log:
-            conn = await driver.spawn_plugin(driver.plugin_command(*args),
+            conn = await driver.spawn_plugin(argv,
                                              registration_timeout=10, stderr=log.fileno())
         await conn.handshake()
         reg.append(conn.timings.registered - conn.timings.spawned)
@@ -145,15 +145,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
         # ---- start-up ------------------------------------------------------
         out["startup"] = {
-            "baseline": await startup(["--empty"], args.startup_rounds),
-            "plugin": await startup([], args.startup_rounds),
+            "baseline": await startup(driver.baseline_command(), args.startup_rounds),
+            "plugin": await startup(driver.plugin_command(), args.startup_rounds),
         }
 
         # ---- round trips -----------------------------------------------------
         # Both processes run side by side and the cases take turns in blocks of 100
         # requests, so the machine's noise falls on the baseline and on us alike.
-        baseline = await start(["--empty"])
-        conn = await start([], config)
+        baseline = await start(driver.baseline_command())
+        conn = await start(driver.plugin_command(), config)
         cases: list[tuple[str, driver.PluginConnection, str | None]] = [
             ("baseline (empty adjustment)", baseline, None),
             ("unannotated", conn, None),
@@ -190,7 +190,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         out["throughput_rps"] = {"baseline": tput_base, "annotated, cached": tput}
 
         # ---- memory ----------------------------------------------------------
-        conn = await start([], config)
+        conn = await start(driver.plugin_command(), config)
         assert conn.process is not None
         distinct = 100
         for i in range(distinct):
@@ -246,7 +246,7 @@ async def under_attack(reg: LocalRegistry, tmp: str, n: int) -> dict[str, Any]:
         config = (f"cache_dir: {tmp}/attack-cache\n"
                   f"registry: {{insecure: [{reg.address}, {slow.address}], "
                   f"allowed: ['{reg.address}/*', '{slow.address}/*']}}\n")
-        conn = await start([], config)
+        conn = await start(driver.plugin_command(), config)
         assert conn.process is not None
         cached = f"{reg.address}/bench/small:v1"
         await sequential(conn, 50, lambda i: pod_for(cached, i), True)
@@ -282,7 +282,7 @@ async def under_attack(reg: LocalRegistry, tmp: str, n: int) -> dict[str, Any]:
 
 
 def compile_times() -> dict[str, dict[str, float]]:
-    from nri_seccomp import profile
+    from nri_seccomp.seccomp import profile
 
     node = profile.node_context()
     result = {}

@@ -6,10 +6,10 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from nri_seccomp import stub
 from nri_seccomp.bounded import BoundedFormatter
+from nri_seccomp.nri import stub
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,25 +28,25 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--idx", help="plugin index, two digits (default: NRI_PLUGIN_IDX or file name)")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
-    p.add_argument("--empty", action="store_true", help=argparse.SUPPRESS)
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(
+    argv: Sequence[str] | None = None,
+    plugin_factory: Callable[[argparse.Namespace], object] | None = None,
+) -> int:
+    """Run a plugin object (by default the seccomp plugin) as NRI starts it, until EOF."""
     args = _parser().parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
     # one line per record, bounded: registries and annotations reach these messages
     handler.setFormatter(BoundedFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), handlers=[handler])
-    plugin: object
-    if args.empty:
-        from nri_seccomp.baseline import EmptyPlugin
+    if plugin_factory is None:
+        from nri_seccomp.service.plugin import SeccompPlugin
 
-        plugin = EmptyPlugin()
+        plugin: object = SeccompPlugin(config_path=args.config)
     else:
-        from nri_seccomp.plugin import SeccompPlugin
-
-        plugin = SeccompPlugin(config_path=args.config)
+        plugin = plugin_factory(args)
     socket_path = args.socket or (stub.DEFAULT_SOCKET_PATH if args.external else None)
     try:
         code = stub.run_plugin(

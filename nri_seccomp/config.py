@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from nri_seccomp.runtimes import CAPABILITY_NAMES
+from nri_seccomp.decide.runtimes import CAPABILITY_NAMES
 
 DEFAULT_CACHE_DIR = "/var/lib/nri-seccomp/cache"
 MAX_PROFILE_BYTES = 1024 * 1024  # CRI-O's cap

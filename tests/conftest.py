@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from nri_seccomp.testing.registry import LocalRegistry
+from devtools.registry import LocalRegistry
 
 #: (user, password) every authenticated test registry knows
 REGISTRY_USER = ("alice", "s3cret")

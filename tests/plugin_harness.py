@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nri_seccomp import driver
-from nri_seccomp.pb import nri_pb2
+from devtools import driver
+from nri_seccomp.nri.pb import nri_pb2
 
 
 def run(coro: Coroutine[Any, Any, Any], timeout: float = 60) -> Any:

@@ -16,11 +16,11 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from nri_seccomp import artifacts
-from nri_seccomp.artifacts import ArtifactFetcher, FetchSettings
-from nri_seccomp.reference import Reference, parse
-from nri_seccomp.testing.badregistry import BadRegistry
-from nri_seccomp.testing.registry import LocalRegistry, digest_of, docker_config
+from devtools.badregistry import BadRegistry
+from devtools.registry import LocalRegistry, digest_of, docker_config
+from nri_seccomp.decide.reference import Reference, parse
+from nri_seccomp.registry import artifacts
+from nri_seccomp.registry.artifacts import ArtifactFetcher, FetchSettings
 
 from .conftest import REGISTRY_USER
 
@@ -87,7 +87,7 @@ def test_crio_blog_shape_is_accepted(registry: LocalRegistry,
         "size": len(PROFILE), "annotations": {"org.opencontainers.image.title": "seccomp.json"}}]
 
     ref = f"{registry.address}/crio/blog:v1"
-    with caplog.at_level(logging.INFO, logger="nri_seccomp.artifacts"):
+    with caplog.at_level(logging.INFO, logger="nri_seccomp.registry.artifacts"):
         art = fetch(fetcher(registry.address), parse(ref))
     assert art == artifacts.Artifact(ref, digest, digest_of(PROFILE), PROFILE,
                                      artifacts.SECCOMP_CONFIG_MEDIA_TYPE, len(PROFILE))
@@ -568,7 +568,7 @@ def test_credentials_not_sent_to_plain_http_token_server(tmp_path: Path) -> None
 
 
 def _artifact_manifest(config_media_type: str = artifacts.SECCOMP_CONFIG_MEDIA_TYPE) -> bytes:
-    from nri_seccomp.testing.badregistry import PROFILE as BAD_PROFILE
+    from devtools.badregistry import PROFILE as BAD_PROFILE
 
     return json.dumps({
         "schemaVersion": 2, "mediaType": artifacts.OCI_MANIFEST,

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from nri_seccomp import bounded, driver
-from nri_seccomp.pb import nri_pb2
-from nri_seccomp.resolver import KEY_V1
-from nri_seccomp.testing.badregistry import BadRegistry
-from nri_seccomp.testing.registry import LocalRegistry
+from devtools import driver
+from devtools.badregistry import BadRegistry
+from devtools.registry import LocalRegistry
+from nri_seccomp import bounded
+from nri_seccomp.decide.resolver import KEY_V1
+from nri_seccomp.nri.pb import nri_pb2
 
 from .plugin_harness import base_config, container, plugin, pod, run
 

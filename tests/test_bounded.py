@@ -7,8 +7,9 @@ import logging
 
 import pytest
 
-from nri_seccomp import bounded, ttrpc
-from nri_seccomp.pb import ttrpc_pb2
+from nri_seccomp import bounded
+from nri_seccomp.nri import ttrpc
+from nri_seccomp.nri.pb import ttrpc_pb2
 
 
 def test_quote_untrusted_cuts_before_cleaning_and_strips_control_characters() -> None:

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from nri_seccomp import cache as cache_mod
-from nri_seccomp.cache import (
+from nri_seccomp.storage import cache as cache_mod
+from nri_seccomp.storage.cache import (
     Cache,
     CacheError,
     CacheIntegrityError,
@@ -319,7 +319,7 @@ def test_second_opener_is_refused_with_the_pid(tmp_path: Path) -> None:
                        match=f"cache {tmp_path} is in use by another process "
                              rf"\(pid {os.getpid()}\)"):
         Cache(tmp_path)
-    code = f"import pathlib, nri_seccomp.cache as c; c.Cache(pathlib.Path({str(tmp_path)!r}))"
+    code = f"import pathlib, nri_seccomp.storage.cache as c; c.Cache(pathlib.Path({str(tmp_path)!r}))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=False)
     assert proc.returncode != 0
@@ -396,7 +396,7 @@ def test_read_only_disk_serves_verified_blobs_and_refuses_writes(
 ACCESS_PROBE = textwrap.dedent("""
     import json, sys
     from pathlib import Path
-    from nri_seccomp.cache import Cache, CacheWriteError
+    from nri_seccomp.storage.cache import Cache, CacheWriteError
     cache = Cache(Path(sys.argv[1]))
     out = {"writable": cache.writable, "served": cache.get_blob(sys.argv[2]) is not None}
     try:
@@ -436,7 +436,7 @@ def test_permission_denied_is_a_write_error(tmp_path: Path) -> None:
 WRITER = textwrap.dedent("""
     import os, random, sys
     from pathlib import Path
-    from nri_seccomp.cache import Cache
+    from nri_seccomp.storage.cache import Cache
     cache = Cache(Path(sys.argv[1]), max_bytes=8 << 20)
     print("ready", flush=True)
     rng = random.Random(int(sys.argv[2]))

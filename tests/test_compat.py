@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from nri_seccomp import compat as C
-from nri_seccomp import profile as P
-from nri_seccomp.pb import nri_pb2
+from nri_seccomp.nri.pb import nri_pb2
+from nri_seccomp.seccomp import compat as C
+from nri_seccomp.seccomp import profile as P
 from tests.test_profile import AMD64, CRIO_BLOG, debian_profile  # noqa: F401 (fixture)
 
 

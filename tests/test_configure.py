@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from nri_seccomp import artifacts, ttrpc
-from nri_seccomp.plugin import SeccompPlugin
-from nri_seccomp.reference import parse
-from nri_seccomp.stub import RuntimeInfo
+from nri_seccomp.decide.reference import parse
+from nri_seccomp.nri import ttrpc
+from nri_seccomp.nri.stub import RuntimeInfo
+from nri_seccomp.registry import artifacts
+from nri_seccomp.service.plugin import SeccompPlugin
 
 RUNTIME = RuntimeInfo(name="containerd", version="v2.3.0", nri_version="v0.12.0")
 

@@ -15,11 +15,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nri_seccomp import driver, profile
-from nri_seccomp.pb import nri_pb2
-from nri_seccomp.resolver import KEY_V1
-from nri_seccomp.testing.badregistry import BadRegistry
-from nri_seccomp.testing.registry import LocalRegistry
+from devtools import driver
+from devtools.badregistry import BadRegistry
+from devtools.registry import LocalRegistry
+from nri_seccomp.decide.resolver import KEY_V1
+from nri_seccomp.nri.pb import nri_pb2
+from nri_seccomp.seccomp import profile
 
 from .plugin_harness import base_config, container, plugin, pod, run
 
@@ -321,7 +322,7 @@ def test_plugin_killed_mid_fetch_never_leaves_a_partial_cache(registry: LocalReg
     profiles; every restart must find only whole, verified files."""
     import random
 
-    from nri_seccomp.cache import Cache
+    from nri_seccomp.storage.cache import Cache
 
     rng = random.Random(42)
     cache = tmp_path / "cache"

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from nri_seccomp import driver
-from nri_seccomp.pb import nri_pb2
+from devtools import driver
+from nri_seccomp.nri.pb import nri_pb2
 
 
 def run(coro: Coroutine[Any, Any, Any], timeout: float = 30) -> Any:
@@ -30,7 +30,7 @@ def _containers(n: int) -> list[nri_pb2.Container]:
 @pytest.mark.parametrize("chunks", [0, 1, 3])
 def test_preinstalled_lifecycle(chunks: int) -> None:
     async def scenario() -> None:
-        conn = await driver.spawn_plugin(driver.plugin_command("--empty"))
+        conn = await driver.spawn_plugin(driver.baseline_command())
         resp = await conn.handshake()
         assert resp.events == 1 << (nri_pb2.CREATE_CONTAINER - 1)
         assert conn.registration is not None
@@ -53,7 +53,7 @@ def test_preinstalled_lifecycle(chunks: int) -> None:
 
 def test_shutdown_rpc_exits_cleanly() -> None:
     async def scenario() -> None:
-        conn = await driver.spawn_plugin(driver.plugin_command("--empty"))
+        conn = await driver.spawn_plugin(driver.baseline_command())
         await conn.handshake()
         await conn._call("Shutdown", b"")
         assert conn.process is not None
@@ -68,8 +68,8 @@ def test_registration_carries_file_name_identity(tmp_path: Path) -> None:
     exe = tmp_path / "42-seccomp-test"
     exe.write_text(
         f"#!{sys.executable}\n"
-        "from nri_seccomp.cli import main\n"
-        "raise SystemExit(main(['--empty']))\n"
+        "from devtools.baseline import main\n"
+        "raise SystemExit(main([]))\n"
     )
     exe.chmod(0o755)
 
@@ -96,7 +96,7 @@ def test_external_plugin_reconnects(tmp_path: Path) -> None:
         await listener.start()
         env = {k: v for k, v in os.environ.items() if not k.startswith("NRI_")}
         proc = await asyncio.create_subprocess_exec(
-            *driver.plugin_command("--empty", "--socket", path, "--name", "ext", "--idx", "20"),
+            *driver.baseline_command("--socket", path, "--name", "ext", "--idx", "20"),
             env=env,
             stderr=asyncio.subprocess.PIPE,
         )

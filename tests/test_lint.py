@@ -10,12 +10,12 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_ruff() -> None:
-    proc = subprocess.run([sys.executable, "-m", "ruff", "check", "nri_seccomp", "tests",
-                           "bench"], cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "ruff", "check", "nri_seccomp", "devtools",
+                           "tests", "bench"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_mypy_strict() -> None:
-    proc = subprocess.run([sys.executable, "-m", "mypy", "nri_seccomp"], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "mypy", "nri_seccomp", "devtools"], cwd=REPO,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from nri_seccomp import driver
-from nri_seccomp.pb import nri_pb2
-from nri_seccomp.resolver import KEY_V1, KEY_V2
-from nri_seccomp.testing.registry import LocalRegistry
+from devtools import driver
+from devtools.registry import LocalRegistry
+from nri_seccomp.decide.resolver import KEY_V1, KEY_V2
+from nri_seccomp.nri.pb import nri_pb2
 
 from .plugin_harness import base_config, container, plugin, pod, run
 

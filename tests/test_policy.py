@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from nri_seccomp import policy
-from nri_seccomp.pb import nri_pb2
-from nri_seccomp.policy import Decision, Outcome, eligibility
-from nri_seccomp.runtimes import RuntimeCaps, capabilities
+from nri_seccomp.decide import policy
+from nri_seccomp.decide.policy import Decision, Outcome, eligibility
+from nri_seccomp.decide.runtimes import RuntimeCaps, capabilities
+from nri_seccomp.nri.pb import nri_pb2
 
 E, N, R = Outcome.ELIGIBLE, Outcome.NOT_ELIGIBLE, Outcome.REFUSE
 LOCAL_REF = "profiles/audit.json"

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from nri_seccomp import profile as P
-from nri_seccomp.pb import nri_pb2
+from nri_seccomp.nri.pb import nri_pb2
+from nri_seccomp.seccomp import profile as P
 
 SYSTEM_PROFILE = Path("/usr/share/containers/seccomp.json")
 AMD64 = P.NodeContext(arch="amd64", kernel=(6, 1))

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from nri_seccomp.reference import MAX_LENGTH, Reference, ReferenceError, parse
+from nri_seccomp.decide.reference import MAX_LENGTH, Reference, ReferenceError, parse
 
 D = "sha256:" + "a" * 64
 D512 = "sha512:" + "b" * 128

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from nri_seccomp.resolver import KEY_V1, KEY_V2, MAX_VALUE, AnnotationError, Match, resolve
+from nri_seccomp.decide.resolver import KEY_V1, KEY_V2, MAX_VALUE, AnnotationError, Match, resolve
 
 V1, V2 = KEY_V1, KEY_V2
 NAME = "app"
@@ -118,7 +118,7 @@ def test_exempted_container_and_its_sibling() -> None:
 
 
 def test_protobuf_maps_are_mappings() -> None:
-    from nri_seccomp.pb import nri_pb2
+    from nri_seccomp.nri.pb import nri_pb2
 
     pod = nri_pb2.PodSandbox(annotations={f"{V2}/app": "reg.example/p:1"})
     match = resolve(pod.annotations, NAME, {})

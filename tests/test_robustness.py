@@ -7,7 +7,8 @@ import struct
 
 import pytest
 
-from nri_seccomp.pb import nri_pb2, ttrpc_pb2
+from devtools import driver
+from nri_seccomp.nri.pb import nri_pb2, ttrpc_pb2
 
 from .wire import RawRuntime, mux_frame, request, ttrpc_frame
 
@@ -18,7 +19,7 @@ CREATE = nri_pb2.CreateContainerRequest(
 
 @pytest.fixture
 def plugin() -> RawRuntime:
-    rt = RawRuntime("--empty")
+    rt = RawRuntime(driver.baseline_command())
     rt.handshake()
     return rt
 
@@ -126,7 +127,7 @@ def test_response_frame_on_server_conn_is_ignored(plugin: RawRuntime) -> None:
 
 
 def test_eof_before_registration_answer() -> None:
-    rt = RawRuntime("--empty")
+    rt = RawRuntime(driver.baseline_command())
     conn, stream, type_, _ = rt.read_message()
     assert (conn, stream, type_) == (2, 1, 1)
     code, err = rt.close()

@@ -14,9 +14,10 @@ from typing import Any
 
 import pytest
 
-from nri_seccomp import compat, driver, profile
-from nri_seccomp.resolver import KEY_V1
-from nri_seccomp.testing.registry import LocalRegistry
+from devtools import driver
+from devtools.registry import LocalRegistry
+from nri_seccomp.decide.resolver import KEY_V1
+from nri_seccomp.seccomp import compat, profile
 
 from .plugin_harness import base_config, container, plugin, pod, run
 from .test_profile import CRIO_BLOG, debian_profile  # noqa: F401 (fixture)
@@ -132,7 +133,7 @@ def test_large_answers_are_readable_by_containerd(registry: LocalRegistry, tmp_p
 
 def test_driver_reads_like_containerd() -> None:
     """The emulation's reader: chunks up to 4096 bytes, a bigger one ends the connection."""
-    from nri_seccomp import mux
+    from nri_seccomp.nri import mux
 
     demux = mux.Demuxer(driver.CONTAINERD_READ_CHUNK)
     assert demux.feed(mux.encode(1, b"y" * 4096)) == [(1, b"y" * 4096)]

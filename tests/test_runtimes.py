@@ -6,8 +6,9 @@ import dataclasses
 
 import pytest
 
-from nri_seccomp import config, runtimes
-from nri_seccomp.runtimes import CAPABILITY_NAMES, RuntimeCaps, Version, capabilities
+from nri_seccomp import config
+from nri_seccomp.decide import runtimes
+from nri_seccomp.decide.runtimes import CAPABILITY_NAMES, RuntimeCaps, Version, capabilities
 
 PARSE = [
     ("v2.2.4", Version(2, 2, 4)),

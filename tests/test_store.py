@@ -10,16 +10,18 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from nri_seccomp import artifacts, cache, profile
-from nri_seccomp.pb import nri_pb2
-from nri_seccomp.reference import Reference, parse
-from nri_seccomp.store import (
+from nri_seccomp.decide.reference import Reference, parse
+from nri_seccomp.nri.pb import nri_pb2
+from nri_seccomp.registry import artifacts
+from nri_seccomp.seccomp import profile
+from nri_seccomp.seccomp.worker import PreparedProfile
+from nri_seccomp.service.store import (
     NotReady,
     ProfileRejected,
     ProfileStore,
     StoreSettings,
 )
-from nri_seccomp.worker import PreparedProfile
+from nri_seccomp.storage import cache
 
 NODE = profile.NodeContext(arch="amd64", kernel=(6, 1))
 GOOD = b'{"defaultAction": "SCMP_ACT_ALLOW"}'

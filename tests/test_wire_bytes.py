@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nri_seccomp import mux, ttrpc
-from nri_seccomp.pb import nri_pb2, ttrpc_pb2
+from nri_seccomp.nri import mux, ttrpc
+from nri_seccomp.nri.pb import nri_pb2, ttrpc_pb2
 
 from .wire import wire_dirs
 

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from nri_seccomp import compat as C
-from nri_seccomp import profile as P
-from nri_seccomp import runtimes
-from nri_seccomp import worker as W
+from nri_seccomp.decide import runtimes
+from nri_seccomp.seccomp import compat as C
+from nri_seccomp.seccomp import profile as P
+from nri_seccomp.seccomp import worker as W
 from tests.test_profile import AMD64, CRIO_BLOG, debian_profile  # noqa: F401 (fixture)
 
 CONTAINERD_23 = runtimes.capabilities("containerd", "v2.3.0", "v0.12.0")

@@ -6,11 +6,11 @@ import os
 import socket
 import struct
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from nri_seccomp.pb import nri_pb2, ttrpc_pb2
+from devtools import driver
+from nri_seccomp.nri.pb import nri_pb2, ttrpc_pb2
 
 REPO = Path(__file__).resolve().parent.parent
 WIRE_DIR = Path(os.environ.get("NRI_WIRE_DIR", REPO.parent / "shared" / "nri-wire"))
@@ -44,13 +44,13 @@ def request(stream: int, method: str, payload: bytes, conn: int = 1) -> bytes:
 class RawRuntime:
     """The runtime end of a plugin's socket, byte by byte, with blocking reads and timeouts."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None) -> None:
         self.sock, theirs = socket.socketpair()
         fd = theirs.fileno()
-        child_env = dict(os.environ if env is None else env)
+        child_env = driver.child_environment(env)
         child_env.update(NRI_PLUGIN_NAME="raw", NRI_PLUGIN_IDX="10", NRI_PLUGIN_SOCKET="3")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "nri_seccomp", *args],
+            argv,
             env=child_env,
             pass_fds=(fd, 3),  # 3 survives close_fds after the dup2
             preexec_fn=lambda: os.dup2(fd, 3),

@@ -40,8 +40,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from nri_seccomp import profile
-from nri_seccomp.pb import nri_pb2
+from nri_seccomp.nri.pb import nri_pb2
+from nri_seccomp.seccomp import profile
 
 EPERM = errno_mod.EPERM
 

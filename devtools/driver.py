@@ -23,12 +23,13 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from google.protobuf.json_format import MessageToDict
 
-from nri_seccomp import mux, ttrpc
-from nri_seccomp.pb import nri_pb2
+from nri_seccomp.nri import mux, ttrpc
+from nri_seccomp.nri.pb import nri_pb2
 
 PLUGIN_SERVICE = "nri.pkg.api.v1alpha1.Plugin"
 RUNTIME_SERVICE = "nri.pkg.api.v1alpha1.Runtime"
@@ -342,7 +343,7 @@ async def spawn_plugin(
 ) -> PluginConnection:
     """Start ``argv`` as containerd starts a pre-installed plugin: socket on fd 3."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    child_env = dict(os.environ if env is None else env)
+    child_env = child_environment(env)
     child_env.update(
         {"NRI_PLUGIN_NAME": name, "NRI_PLUGIN_IDX": idx, "NRI_PLUGIN_SOCKET": "3"}
     )
@@ -374,6 +375,24 @@ async def spawn_plugin(
 def plugin_command(*args: str) -> list[str]:
     """How tests and the demo run our plugin: this interpreter, our package."""
     return [sys.executable, "-m", "nri_seccomp", *args]
+
+
+def baseline_command(*args: str) -> list[str]:
+    """The baseline plugin (``devtools.baseline``): same transport, empty adjustments."""
+    return [sys.executable, "-m", "devtools.baseline", *args]
+
+
+#: the checkout holding devtools/, which is not installed: put on a child's PYTHONPATH
+CHECKOUT = Path(__file__).resolve().parent.parent
+
+
+def child_environment(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``env`` (default: ours) with the checkout on PYTHONPATH, so devtools imports."""
+    out = dict(os.environ if env is None else env)
+    paths = [p for p in out.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if str(CHECKOUT) not in paths:
+        out["PYTHONPATH"] = os.pathsep.join([*paths, str(CHECKOUT)])
+    return out
 
 
 class ExternalListener:

@@ -36,11 +36,13 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
-from nri_seccomp import artifacts, cache, profile
+from nri_seccomp.decide.reference import Reference
 from nri_seccomp.memo import BoundedMap, Busy, KeyedLimiter, SingleFlight
-from nri_seccomp.pb import nri_pb2
-from nri_seccomp.reference import Reference
-from nri_seccomp.worker import CompileBudgetExceeded, PreparedProfile, prepare_inline
+from nri_seccomp.nri.pb import nri_pb2
+from nri_seccomp.registry import artifacts
+from nri_seccomp.seccomp import profile
+from nri_seccomp.seccomp.worker import CompileBudgetExceeded, PreparedProfile, prepare_inline
+from nri_seccomp.storage import cache
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from nri_seccomp import mux, ttrpc
-from nri_seccomp.pb import nri_pb2
+from nri_seccomp.nri import mux, ttrpc
+from nri_seccomp.nri.pb import nri_pb2
 
 log = logging.getLogger(__name__)
 

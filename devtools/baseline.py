@@ -1,10 +1,17 @@
 """A minimal plugin on the same transport: answers every CreateContainer with an empty
-adjustment. It is the benchmarks' baseline and the transport tests' subject."""
+adjustment. It is the benchmarks' baseline and the transport tests' subject.
+
+``python -m devtools.baseline`` takes the plugin's own command line (``--socket``,
+``--name``, ``--idx``): the same start-up, stub and transport, and no seccomp work.
+"""
 
 from __future__ import annotations
 
-from nri_seccomp import ttrpc
-from nri_seccomp.pb import nri_pb2
+from collections.abc import Sequence
+
+from nri_seccomp import cli
+from nri_seccomp.nri import ttrpc
+from nri_seccomp.nri.pb import nri_pb2
 
 
 class EmptyPlugin:
@@ -21,3 +28,11 @@ class EmptyPlugin:
         self, pod: nri_pb2.PodSandbox, container: nri_pb2.Container, call: ttrpc.Call
     ) -> nri_pb2.CreateContainerResponse:
         return nri_pb2.CreateContainerResponse()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli.main(argv, plugin_factory=lambda _args: EmptyPlugin())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

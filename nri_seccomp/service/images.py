@@ -21,10 +21,10 @@ import time
 from collections.abc import Awaitable
 from typing import Protocol
 
-from nri_seccomp import resolver
-from nri_seccomp.artifacts import ArtifactError, PolicyError
+from nri_seccomp.decide import resolver
+from nri_seccomp.decide.reference import Reference
 from nri_seccomp.memo import BoundedMap, Busy, SingleFlight
-from nri_seccomp.reference import Reference
+from nri_seccomp.registry.artifacts import ArtifactError, PolicyError
 
 log = logging.getLogger(__name__)
 

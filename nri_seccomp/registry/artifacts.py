@@ -92,7 +92,7 @@ import httpcore
 import httpx
 
 from nri_seccomp.bounded import MAX_QUOTED, clean, cut, quote_untrusted, strip_query
-from nri_seccomp.reference import DIGEST_PATTERNS, Reference
+from nri_seccomp.decide.reference import DIGEST_PATTERNS, Reference
 
 log = logging.getLogger(__name__)
 

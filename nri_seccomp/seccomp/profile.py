@@ -39,7 +39,7 @@ from typing import Any, Literal, NoReturn
 
 import pyseccomp
 
-from nri_seccomp.pb import nri_pb2
+from nri_seccomp.nri.pb import nri_pb2
 
 # ---------------------------------------------------------------------------
 # errors

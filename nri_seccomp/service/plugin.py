@@ -16,22 +16,30 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from nri_seccomp import compat, config, policy, profile, reference, resolver, runtimes, ttrpc
-from nri_seccomp import store as store_mod
-from nri_seccomp.artifacts import ArtifactError, ArtifactFetcher, FetchSettings, PolicyError
-from nri_seccomp.cache import Cache, CacheError
-from nri_seccomp.images import ImageAnnotations, ImageLookupError
+from nri_seccomp import config
+from nri_seccomp.decide import policy, reference, resolver, runtimes
 from nri_seccomp.memo import BoundedMap
-from nri_seccomp.pb import nri_pb2
-from nri_seccomp.store import (
+from nri_seccomp.nri import ttrpc
+from nri_seccomp.nri.pb import nri_pb2
+from nri_seccomp.nri.stub import RuntimeInfo
+from nri_seccomp.registry.artifacts import (
+    ArtifactError,
+    ArtifactFetcher,
+    FetchSettings,
+    PolicyError,
+)
+from nri_seccomp.seccomp import compat, profile
+from nri_seccomp.seccomp.worker import Budget, CompileBudgetExceeded, SeccompWorkers
+from nri_seccomp.service import store as store_mod
+from nri_seccomp.service.images import ImageAnnotations, ImageLookupError
+from nri_seccomp.service.store import (
     Compiled,
     NotReady,
     ProfileRejected,
     ProfileStore,
     StoreSettings,
 )
-from nri_seccomp.stub import RuntimeInfo
-from nri_seccomp.worker import Budget, CompileBudgetExceeded, SeccompWorkers
+from nri_seccomp.storage.cache import Cache, CacheError
 
 log = logging.getLogger(__name__)
 

@@ -356,7 +356,13 @@ class Cache:
     def _touch_fd(self, fd: int, hexd: str, size: int, st: os.stat_result) -> None:
         now_ns = time.time_ns()
         with self._lock:
-            blob = self._blobs.setdefault(hexd, _Blob(size, 0.0))
+            blob = self._blobs.get(hexd)
+            if blob is None:
+                # evicted since this read opened it: counting it again would leave the
+                # books with bytes the disk no longer holds
+                if not (self._blob_dir / hexd).exists():
+                    return
+                blob = self._blobs[hexd] = _Blob(size, 0.0)
             blob.last_used = now_ns / 1e9
         # persisted in atime (mtime kept): a metadata update, no fsync on the hit path
         with contextlib.suppress(OSError):

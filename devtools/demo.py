@@ -16,17 +16,16 @@ import asyncio
 import json
 import sys
 import tempfile
-from importlib import resources
 from pathlib import Path
 
-from nri_seccomp import driver
-from nri_seccomp.pb import nri_pb2
-from nri_seccomp.resolver import KEY_V1
-from nri_seccomp.testing.registry import LocalRegistry
+from devtools import driver
+from devtools.registry import LocalRegistry
+from nri_seccomp.decide.resolver import KEY_V1
+from nri_seccomp.nri.pb import nri_pb2
 
 
 def sample_profile() -> bytes:
-    return resources.files("nri_seccomp").joinpath("samples/demo-profile.json").read_bytes()
+    return (Path(__file__).resolve().parent / "samples" / "demo-profile.json").read_bytes()
 
 
 def sample_pod(ref: str, image: str) -> tuple[nri_pb2.PodSandbox, nri_pb2.Container]:

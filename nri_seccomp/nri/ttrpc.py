@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from google.protobuf.message import DecodeError
 
 from nri_seccomp.bounded import status_message
-from nri_seccomp.pb import ttrpc_pb2
+from nri_seccomp.nri.pb import ttrpc_pb2
 
 log = logging.getLogger(__name__)
 

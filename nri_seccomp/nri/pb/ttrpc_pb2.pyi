@@ -1,4 +1,4 @@
-from nri_seccomp.pb import rpc_status_pb2 as _rpc_status_pb2
+from nri_seccomp.nri.pb import rpc_status_pb2 as _rpc_status_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message

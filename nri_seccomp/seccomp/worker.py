@@ -42,11 +42,12 @@ from typing import Any
 
 import pebble
 
-from nri_seccomp import compat, profile, runtimes
-from nri_seccomp.pb import nri_pb2
+from nri_seccomp.decide import runtimes
+from nri_seccomp.nri.pb import nri_pb2
+from nri_seccomp.seccomp import compat, profile
 
 #: the modules a worker needs, imported once in the fork server
-PRELOAD = ["nri_seccomp.worker", "nri_seccomp.profile", "nri_seccomp.compat"]
+PRELOAD = [f"nri_seccomp.seccomp.{m}" for m in ("worker", "profile", "compat")]
 NICE = 10
 
 

@@ -37,7 +37,7 @@ import requests
 
 if TYPE_CHECKING:
     # imported when used: it needs the cryptography package, the demo does not
-    from nri_seccomp.testing.tokenserver import TokenServer
+    from devtools.tokenserver import TokenServer
 
 SECCOMP_CONFIG = "application/vnd.cncf.seccomp-profile.config.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -128,7 +128,7 @@ class LocalRegistry:
         self.token_server: TokenServer | None = None
         self._push_tokens: dict[str, str] = {}
         if token_auth:
-            from nri_seccomp.testing.tokenserver import TokenServer
+            from devtools.tokenserver import TokenServer
 
             self.token_server = TokenServer(self._tmp, dict(users) if users else None)
             self.token_server.__enter__()

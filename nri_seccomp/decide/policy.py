@@ -12,8 +12,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from nri_seccomp.pb import nri_pb2
-from nri_seccomp.runtimes import RuntimeCaps
+from nri_seccomp.decide.runtimes import RuntimeCaps
+from nri_seccomp.nri.pb import nri_pb2
 
 _TYPES = nri_pb2.SecurityProfile
 #: what to do when the runtime does not pass the container's seccomp profile (containerd 2.2.0)
