@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from nri_seccomp import cli
-from nri_seccomp.nri import ttrpc
 from nri_seccomp.nri.pb import nri_pb2
 
 
@@ -25,9 +24,9 @@ class EmptyPlugin:
         return []
 
     async def create_container(
-        self, pod: nri_pb2.PodSandbox, container: nri_pb2.Container, call: ttrpc.Call
-    ) -> nri_pb2.CreateContainerResponse:
-        return nri_pb2.CreateContainerResponse()
+        self, pod: nri_pb2.PodSandbox, container: nri_pb2.Container, deadline: float
+    ) -> nri_pb2.ContainerAdjustment | None:
+        return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

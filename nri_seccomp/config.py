@@ -51,6 +51,10 @@ class Config:
     cache_max_bytes: int = 256 * 1024 * 1024
     #: answer this long before the runtime's request timeout
     deadline_margin: float = 0.25
+    #: the longest a request waits for work not ready yet (fetch, compile, translation)
+    #: before it is answered "retry": containerd serves NRI one request at a time for the
+    #: whole node, so every other pod waits as long as this one
+    answer_wait: float = 0.5
     #: a tag reference is re-resolved at the registry when its cache entry is older
     tag_ttl: float = 300.0
     #: serve a cached tag this old at most when the registry cannot be reached
@@ -207,6 +211,7 @@ def _value(key: str, value: Any, where: str, default: Any) -> Any:
 _RANGES: dict[str, tuple[float, float]] = {
     "cache_max_bytes": (1024 * 1024, 1 << 40),
     "deadline_margin": (0.01, 1.5),
+    "answer_wait": (0.01, 1.9),
     "tag_ttl": (0.0, 365 * 86400.0),
     "stale_if_error_max_age": (0.0, 365 * 86400.0),
     "fetch_workers": (1, 64),

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from nri_seccomp.decide.reference import parse
-from nri_seccomp.nri import ttrpc
+from nri_seccomp.errors import Kind, Refusal
 from nri_seccomp.nri.stub import RuntimeInfo
 from nri_seccomp.registry import artifacts
 from nri_seccomp.service.plugin import SeccompPlugin
@@ -28,20 +28,19 @@ def test_second_configure_replaces_the_registry_policy(tmp_path: Path) -> None:
         plugin = SeccompPlugin()
         try:
             await plugin.configure(config(tmp_path / "c", "'a.example/*'"), RUNTIME)
-            assert plugin.store is not None
+            assert plugin.services is not None
             ref = parse("a.example/p/x:1")
-            plugin.store._fetcher.check_policy(ref)  # allowed now
+            plugin.services.store._fetcher.check_policy(ref)  # allowed now
             await plugin.configure(
                 config(tmp_path / "c", "'b.example/*'", "registry_concurrency: 2\n"), RUNTIME)
             with pytest.raises(artifacts.PolicyError, match="not in the allowed"):
-                plugin.store._fetcher.check_policy(ref)
-            assert plugin.images is not None
-            assert await plugin.images.get(ref, 0.0) == {}  # image lookups follow too
+                plugin.services.store._fetcher.check_policy(ref)
+            assert await plugin.services.images.get(ref, 0.0) == {}  # image lookups follow too
             await plugin.configure(
                 config(tmp_path / "c", "'b.example/*'").replace(
                     "registry: {", "registry: {require_digest: true, "), RUNTIME)
             with pytest.raises(artifacts.PolicyError, match="digest reference"):
-                plugin.store._fetcher.check_policy(parse("b.example/p/x:1"))
+                plugin.services.store._fetcher.check_policy(parse("b.example/p/x:1"))
         finally:
             await plugin.shutdown()
 
@@ -56,12 +55,12 @@ def test_a_bad_second_configure_is_refused_and_changes_nothing(tmp_path: Path) -
             first = plugin.config
             for bad in (config(tmp_path / "c", "'a.example/*'", "tag_ttl: -1\n"),
                         config(tmp_path / "other", "'b.example/*'")):
-                with pytest.raises(ttrpc.RpcError) as info:
+                with pytest.raises(Refusal) as info:
                     await plugin.configure(bad, RUNTIME)
-                assert info.value.code == ttrpc.Code.INVALID_ARGUMENT
+                assert info.value.kind is Kind.INVALID
                 assert plugin.config is first
-            assert plugin.store is not None
-            plugin.store._fetcher.check_policy(parse("a.example/p/x:1"))
+            assert plugin.services is not None
+            plugin.services.store._fetcher.check_policy(parse("a.example/p/x:1"))
         finally:
             await plugin.shutdown()
 

@@ -34,7 +34,8 @@ def _blobs(cache: Path) -> list[Path]:
 
 
 BAD = [
-    ("hang", "did not answer within"),
+    # answered "retry" after answer_wait (0.5 s): the fetch goes on for the retry
+    ("hang", "still being fetched, retry"),
     ("trickle", "still being fetched, retry"),
     ("status:500", "HTTP 500"),
     ("status:401", "requires authentication"),
@@ -66,6 +67,27 @@ def test_bad_registry_answered_before_deadline(tmp_path: Path, mode: str, messag
     assert message in first.error.message
     assert second.error is None and second.fatal is None
     assert _blobs(tmp_path / "cache") == []
+
+
+def test_hanging_registry_retry_gets_the_timeout(tmp_path: Path) -> None:
+    """The first answer comes after answer_wait; the kubelet's retry, once the per-call
+    timeout has passed, names what went wrong."""
+    with BadRegistry("hang", profile=PROFILE) as bad:
+        ref = f"{bad.address}/x/y:v1"
+
+        async def scenario() -> list[driver.CreateResult]:
+            async with plugin(base_config(tmp_path / "cache", bad.address)) as session:
+                first = await session.conn.create_container(pod({f"{KEY_V1}/POD": ref}),
+                                                            container())
+                await asyncio.sleep(1.6)
+                retry = await session.conn.create_container(pod({f"{KEY_V1}/POD": ref}),
+                                                            container())
+                return [first, retry]
+
+        first, retry = run(scenario())
+    assert first.error is not None and "still being fetched, retry" in first.error.message
+    assert retry.fatal is None and retry.error is not None
+    assert "did not answer within 1.50s" in retry.error.message
 
 
 def test_redirect_to_other_host_is_followed(tmp_path: Path) -> None:

@@ -1,8 +1,12 @@
 """The plugin side of NRI: connection, registration, configuration, events.
 
-A plugin object implements any of the coroutine methods named in
-:data:`EVENT_METHODS` (and optionally ``configure``, ``synchronize``,
-``shutdown``); the stub subscribes to exactly the events it implements.
+A plugin object implements any of the typed handler Protocols below
+(:class:`CreateContainerHandler`, :class:`PodEventHandler`, ...); the stub
+subscribes to exactly the events it implements, as containerd/nri's Go stub does.
+A handler speaks the domain, never the transport: it gets the pod, the container
+and the runtime's deadline, and returns an adjustment or raises an
+:class:`~nri_seccomp.errors.Refusal`, which the stub answers with the gRPC code
+its kind stands for.
 
 Two ways to start, as NRI defines them:
 
@@ -22,10 +26,11 @@ import os
 import re
 import socket
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
+from nri_seccomp.errors import Kind, NriSeccompError, Refusal
 from nri_seccomp.nri import mux, ttrpc
 from nri_seccomp.nri.pb import nri_pb2
 
@@ -51,7 +56,50 @@ EVENT_METHODS: Mapping[str, int] = {
 _PLUGIN_FILE = re.compile(r"^(?P<idx>[0-9]{2})-(?P<name>.+)$")
 
 
-class StubError(Exception):
+#: the status code each kind of refusal is answered with
+REFUSAL_CODES: Mapping[Kind, ttrpc.Code] = {
+    Kind.RETRY: ttrpc.Code.UNAVAILABLE,
+    Kind.INVALID: ttrpc.Code.INVALID_ARGUMENT,
+    Kind.FORBIDDEN: ttrpc.Code.PERMISSION_DENIED,
+    Kind.UNUSABLE: ttrpc.Code.FAILED_PRECONDITION,
+}
+
+
+@runtime_checkable
+class CreateContainerHandler(Protocol):
+    async def create_container(
+        self, pod: nri_pb2.PodSandbox, container: nri_pb2.Container, deadline: float
+    ) -> nri_pb2.ContainerAdjustment | None:
+        """The adjustment for a new container (None: no change); ``deadline`` is the
+        runtime's, as a ``time.monotonic()`` value. Raises Refusal to fail the creation."""
+        ...
+
+
+@runtime_checkable
+class ConfigureHandler(Protocol):
+    async def configure(self, config: str, runtime: RuntimeInfo) -> None:
+        """Apply the plugin configuration text; Refusal (INVALID) to refuse it."""
+        ...
+
+
+@runtime_checkable
+class SynchronizeHandler(Protocol):
+    async def synchronize(
+        self, pods: list[nri_pb2.PodSandbox], containers: list[nri_pb2.Container]
+    ) -> list[nri_pb2.ContainerUpdate]: ...
+
+
+@runtime_checkable
+class RunPodSandboxHandler(Protocol):
+    async def run_pod_sandbox(self, pod: nri_pb2.PodSandbox) -> None: ...
+
+
+@runtime_checkable
+class ShutdownHandler(Protocol):
+    async def shutdown(self) -> None: ...
+
+
+class StubError(NriSeccompError):
     """The plugin could not start or stay connected."""
 
 
@@ -271,6 +319,10 @@ class Stub:
         return {f"{PLUGIN_SERVICE}/{name}": handler for name, handler in table.items()}
 
     async def _configure(self, payload: bytes, call: ttrpc.Call) -> bytes:
+        with _refusals_as_status():
+            return await self._configure_now(payload)
+
+    async def _configure_now(self, payload: bytes) -> bytes:
         req = nri_pb2.ConfigureRequest.FromString(payload)
         self.runtime = RuntimeInfo.from_request(req)
         log.info(
@@ -323,7 +375,14 @@ class Stub:
 
             async def create(payload: bytes, call: ttrpc.Call) -> bytes:
                 req = nri_pb2.CreateContainerRequest.FromString(payload)
-                resp: nri_pb2.CreateContainerResponse = await handler(req.pod, req.container, call)
+                deadline = call.received + self.runtime.request_timeout
+                if call.deadline is not None:
+                    deadline = min(deadline, call.deadline)
+                with _refusals_as_status():
+                    adjust = await handler(req.pod, req.container, deadline)
+                resp = nri_pb2.CreateContainerResponse()
+                if adjust is not None:
+                    resp.adjust.CopyFrom(adjust)
                 return resp.SerializeToString()
 
             return create
@@ -340,6 +399,15 @@ class Stub:
         if not callable(fn):
             return None
         return await fn(*args)
+
+
+@contextlib.contextmanager
+def _refusals_as_status() -> Iterator[None]:
+    """A handler's Refusal becomes the error status its kind stands for."""
+    try:
+        yield
+    except Refusal as exc:
+        raise ttrpc.RpcError(REFUSAL_CODES[exc.kind], exc.message) from None
 
 
 def _rpc_name(method: str) -> str:

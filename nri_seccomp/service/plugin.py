@@ -1,9 +1,17 @@
-"""The seccomp plugin: glue from an NRI CreateContainer to a linux.seccomp adjustment.
+"""The CreateContainer handler: glue from an NRI request to a linux.seccomp adjustment.
 
-resolution (resolver) → eligibility (policy) → reference (reference) →
-profile (store: cache, registry, libseccomp) → runtime translation (compat).
-Every refusal becomes an error status, which fails the container creation: a
+resolution (decide.resolver) → eligibility (decide.policy) → reference
+(decide.reference) → profile (service.store: cache, registry, compile workers) →
+runtime translation (seccomp.compat, in a worker). Every refusal is a
+:class:`~nri_seccomp.errors.Refusal`, which fails the container creation: a
 workload that asked for a profile never runs without it.
+
+containerd serves NRI requests one at a time for the whole node (one lock in
+its NRI adaptation, seen on containerd 2.3.4), so time this handler spends
+waiting is time every other pod on the node waits. Work that is not ready within
+``answer_wait`` is answered "retry" and goes on in the background: the pod's
+creation started it early (RunPodSandbox), and the kubelet's retry is served
+from memory.
 """
 
 from __future__ import annotations
@@ -13,33 +21,19 @@ import dataclasses
 import functools
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-from nri_seccomp import config
+from nri_seccomp import config, wiring
 from nri_seccomp.decide import policy, reference, resolver, runtimes
+from nri_seccomp.errors import Kind, Refusal
 from nri_seccomp.memo import BoundedMap
-from nri_seccomp.nri import ttrpc
 from nri_seccomp.nri.pb import nri_pb2
 from nri_seccomp.nri.stub import RuntimeInfo
-from nri_seccomp.registry.artifacts import (
-    ArtifactError,
-    ArtifactFetcher,
-    FetchSettings,
-    PolicyError,
-)
-from nri_seccomp.seccomp import compat, profile
-from nri_seccomp.seccomp.worker import Budget, CompileBudgetExceeded, SeccompWorkers
+from nri_seccomp.registry.artifacts import ArtifactError, PolicyError
+from nri_seccomp.seccomp import compat
+from nri_seccomp.seccomp.worker import CompileBudgetExceeded, SeccompWorkers
 from nri_seccomp.service import store as store_mod
-from nri_seccomp.service.images import ImageAnnotations, ImageLookupError
-from nri_seccomp.service.store import (
-    Compiled,
-    NotReady,
-    ProfileRejected,
-    ProfileStore,
-    StoreSettings,
-)
-from nri_seccomp.storage.cache import Cache, CacheError
+from nri_seccomp.service.images import ImageLookupError
+from nri_seccomp.service.store import Compiled, NotReady, ProfileRejected, StoreSettings
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +49,7 @@ class SeccompPlugin:
         self.config = config.Config()
         self.caps = runtimes.capabilities("", "")
         self.runtime = RuntimeInfo()
-        self.store: ProfileStore | None = None
-        self.images: ImageAnnotations | None = None
-        self._disk_executor: ThreadPoolExecutor | None = None
-        self.workers: SeccompWorkers | None = None
+        self.services: wiring.Services | None = None
         self._retired: set[asyncio.Task[None]] = set()
         self._translations: BoundedMap[
             tuple[str, runtimes.RuntimeCaps, bool], asyncio.Future[Answer]
@@ -82,15 +73,15 @@ class SeccompPlugin:
             caps = runtimes.capabilities(
                 runtime.name, runtime.version, runtime.nri_version, cfg.runtime_overrides
             )
-            if self.store is not None and cfg.cache_dir != self.config.cache_dir:
+            if self.services is not None and cfg.cache_dir != self.config.cache_dir:
                 raise config.ConfigError(
                     f"cache_dir changed from {self.config.cache_dir} to {cfg.cache_dir}: "
                     "restart the plugin to move its cache")
-            fetcher = self._fetcher(cfg.registry) if (
-                self.store is None or cfg.registry != self.config.registry) else None
+            fetcher = wiring.fetcher(cfg.registry) if (
+                self.services is None or cfg.registry != self.config.registry) else None
         except (config.ConfigError, ValueError) as exc:
             log.error("refusing configuration: %s", exc)
-            raise ttrpc.RpcError(ttrpc.Code.INVALID_ARGUMENT, str(exc)) from exc
+            raise Refusal(Kind.INVALID, str(exc)) from exc
         logging.getLogger("nri_seccomp").setLevel(cfg.log_level.upper())
         previous = self.config
         self.config, self.caps, self.runtime = cfg, caps, runtime
@@ -103,68 +94,17 @@ class SeccompPlugin:
             "carried" if caps.errno_ret_safe else "crashes the runtime (kept out)",
             "carried" if caps.keeps_default_errno else "dropped (materialised or refused)",
         )
-        if self.store is None:
+        if self.services is None:
             assert fetcher is not None
-            self.store = self._build_store(cfg, fetcher)
+            self.services = wiring.services(cfg, fetcher)
         elif fetcher is not None:
-            old = self.store.set_fetcher(fetcher)
-            if self.images is not None:
-                self.images.set_fetcher(fetcher)
+            old = self.services.store.set_fetcher(fetcher)
+            self.services.images.set_fetcher(fetcher)
             # fetches already under way finish with the old client, within their own budget
             retiring = asyncio.create_task(self._retire(old, StoreSettings.background_budget))
             self._retired.add(retiring)
             retiring.add_done_callback(self._retired.discard)
             log.info("registry settings changed: %s", _changed(previous.registry, cfg.registry))
-
-    def _build_store(self, cfg: config.Config, fetcher: ArtifactFetcher) -> ProfileStore:
-        # lanes of their own: registry calls, disk I/O and compiling never wait for each other
-        self._disk_executor = ThreadPoolExecutor(2, thread_name_prefix="disk")
-        # libseccomp and the errno analysis run in processes that can be stopped
-        self.workers = SeccompWorkers(
-            Budget(cfg.compile_cpu_seconds, cfg.compile_wall_seconds, cfg.compile_workers))
-        self.images = ImageAnnotations(fetcher, cfg.image_lookup_concurrency)
-        disk: Cache | None
-        try:
-            disk = Cache(Path(cfg.cache_dir), cfg.cache_max_bytes)
-        except (CacheError, OSError) as exc:
-            # still correct without the disk copy, only slower after a restart
-            log.error("on-disk cache %s unavailable, continuing without it: %s", cfg.cache_dir, exc)
-            disk = None
-        return ProfileStore(
-            fetcher,
-            disk,
-            self._disk_executor,
-            self.workers,
-            StoreSettings(
-                tag_ttl=cfg.tag_ttl,
-                stale_if_error_max_age=cfg.stale_if_error_max_age,
-                unknown_syscalls=cfg.unknown_syscalls,
-                memory_max_bytes=cfg.memory_max_bytes,
-                fetch_concurrency=cfg.fetch_workers,
-                registry_concurrency=cfg.registry_concurrency,
-                owner_concurrency=cfg.namespace_concurrency,
-                owner_inflight_limit=cfg.namespace_inflight,
-                refused_ttl=cfg.refused_ttl,
-                failure_ttl=cfg.failure_ttl,
-            ),
-            profile.node_context(),
-        )
-
-    def _fetcher(self, reg: config.RegistrySettings) -> ArtifactFetcher:
-        """The registry client for these settings; ValueError for an unreadable docker config."""
-        return ArtifactFetcher(
-            FetchSettings(
-                timeout=reg.timeout,
-                max_size=reg.max_profile_bytes,
-                insecure_registries=frozenset(reg.insecure),
-                tls_verify=reg.tls_verify,
-                ca_file=reg.ca_file,
-                docker_config=reg.docker_config,
-                allowed=reg.allowed,
-                require_digest=reg.require_digest,
-                token_realm_hosts=reg.token_realm_hosts,
-            )
-        )
 
     async def _retire(self, fetcher: store_mod.Fetcher, after: float) -> None:
         await asyncio.sleep(after)
@@ -174,8 +114,8 @@ class SeccompPlugin:
         self._translations.clear()
 
     async def shutdown(self) -> None:
-        if self.workers is not None:
-            await self.workers.aclose()
+        if self.services is not None:
+            await self.services.aclose()
 
     # ---- events ----------------------------------------------------------------
 
@@ -185,7 +125,7 @@ class SeccompPlugin:
         At most ``prefetch_per_pod`` of them: a pod with hundreds of annotations
         must not fill the fetch lanes; the rest are fetched when a container asks.
         """
-        if self.store is None:
+        if self.services is None:
             return
         started = skipped = 0
         seen: set[str] = set()
@@ -203,7 +143,7 @@ class SeccompPlugin:
             if started >= self.config.prefetch_per_pod:
                 skipped += 1
                 continue
-            if self.store.prefetch(ref, owner=pod.namespace):
+            if self.services.store.prefetch(ref, owner=pod.namespace):
                 started += 1
         if skipped:
             log.info("pod %s/%s names %d more profiles than prefetch_per_pod (%d); they are "
@@ -211,25 +151,27 @@ class SeccompPlugin:
                      self.config.prefetch_per_pod)
 
     async def create_container(
-        self, pod: nri_pb2.PodSandbox, container: nri_pb2.Container, call: ttrpc.Call
-    ) -> nri_pb2.CreateContainerResponse:
-        deadline = self._deadline(call)
+        self, pod: nri_pb2.PodSandbox, container: nri_pb2.Container, deadline: float
+    ) -> nri_pb2.ContainerAdjustment | None:
+        """The seccomp adjustment for a new container, or None when it keeps its own.
+
+        ``deadline`` is the runtime's (monotonic); the answer leaves
+        ``deadline_margin`` before it, and work that needs longer than
+        ``answer_wait`` is answered "retry" while it goes on.
+        """
+        wait_until = min(deadline - self.config.deadline_margin,
+                         time.monotonic() + self.config.answer_wait)
         try:
-            seccomp = await self._seccomp_for(pod, container, deadline)
-        except Refused as exc:
+            seccomp = await self._seccomp_for(pod, container, wait_until)
+        except Refusal as exc:
             log.error("refusing container %s/%s/%s: %s",
                       pod.namespace, pod.name, container.name, exc)
-            raise ttrpc.RpcError(exc.code, str(exc)) from None
-        resp = nri_pb2.CreateContainerResponse()
-        if seccomp is not None:
-            resp.adjust.linux.seccomp_policy.CopyFrom(seccomp)
-        return resp
-
-    def _deadline(self, call: ttrpc.Call) -> float:
-        limit = call.received + self.runtime.request_timeout
-        if call.deadline is not None:
-            limit = min(limit, call.deadline)
-        return limit - self.config.deadline_margin
+            raise
+        if seccomp is None:
+            return None
+        adjust = nri_pb2.ContainerAdjustment()
+        adjust.linux.seccomp_policy.CopyFrom(seccomp)
+        return adjust
 
     async def _seccomp_for(
         self, pod: nri_pb2.PodSandbox, container: nri_pb2.Container, deadline: float
@@ -249,14 +191,14 @@ class SeccompPlugin:
                 if image_annotations:
                     match = resolver.resolve(pod.annotations, container.name, image_annotations)
         except resolver.AnnotationError as exc:
-            raise Refused(ttrpc.Code.INVALID_ARGUMENT, str(exc)) from exc
+            raise Refusal(Kind.INVALID, str(exc)) from exc
         if match is None:
             return None
         log.info("%s", match.log_line)
         if not match.reference:
             return None
         if decision.refuse:
-            raise Refused(ttrpc.Code.FAILED_PRECONDITION, decision.reason)
+            raise Refusal(Kind.UNUSABLE, decision.reason)
         if not decision.eligible:
             log.info("not applying %s to container %s: %s",
                      match.reference, container.name, decision.reason)
@@ -264,24 +206,24 @@ class SeccompPlugin:
         try:
             ref = reference.parse(match.reference)
         except reference.ReferenceError as exc:
-            raise Refused(ttrpc.Code.INVALID_ARGUMENT, f"{match.key}: {exc}") from exc
-        assert self.store is not None, "CreateContainer before Configure"
+            raise Refusal(Kind.INVALID, f"{match.key}: {exc}") from exc
+        assert self.services is not None, "CreateContainer before Configure"
         try:
-            ready = await self.store.get(ref, deadline, owner=pod.namespace)
+            ready = await self.services.store.get(ref, deadline, owner=pod.namespace)
         except NotReady as exc:
-            raise Refused(ttrpc.Code.UNAVAILABLE, str(exc)) from exc
+            raise Refusal(Kind.RETRY, str(exc)) from exc
         except PolicyError as exc:
-            raise Refused(ttrpc.Code.PERMISSION_DENIED, str(exc)) from exc
+            raise Refusal(Kind.FORBIDDEN, str(exc)) from exc
         except ArtifactError as exc:
-            raise Refused(
-                ttrpc.Code.FAILED_PRECONDITION,
+            raise Refusal(
+                Kind.UNUSABLE,
                 f"try to pull OCI artifact seccomp profile: pull OCI artifact: {exc}",
             ) from exc
         except ProfileRejected as exc:
-            raise Refused(ttrpc.Code.FAILED_PRECONDITION, f"{ref}: {exc}") from exc
+            raise Refusal(Kind.UNUSABLE, f"{ref}: {exc}") from exc
         refusal = policy.profile_refusal(ready.compiled.policy, self.config.allow_listener)
         if refusal is not None:
-            raise Refused(ttrpc.Code.PERMISSION_DENIED, f"{ref}: {refusal}")
+            raise Refusal(Kind.FORBIDDEN, f"{ref}: {refusal}")
         translation = await self._translate(ref, ready.compiled, deadline)
         for warning in translation.warnings:
             log.warning("container %s/%s: %s", pod.name, container.name, warning)
@@ -293,7 +235,7 @@ class SeccompPlugin:
     async def _image_annotations(
         self, container: nri_pb2.Container, deadline: float
     ) -> dict[str, str]:
-        if not self.config.image_annotations or self.images is None:
+        if not self.config.image_annotations or self.services is None:
             return {}
         name = container.image.name or container.annotations.get(IMAGE_NAME_ANNOTATION, "")
         if not name:
@@ -303,10 +245,10 @@ class SeccompPlugin:
         budget = now + max(deadline - now, 0) / 2
         try:
             ref = reference.parse(name)
-            return await self.images.get(ref, budget)
+            return await self.services.images.get(ref, budget)
         except TimeoutError:
             if self.config.image_annotations_on_error == "refuse":
-                raise Refused(ttrpc.Code.UNAVAILABLE, f"annotations of image {name} are still "
+                raise Refusal(Kind.RETRY, f"annotations of image {name} are still "
                               "being fetched, retry (image_annotations_on_error: refuse)"
                               ) from None
             log.warning("annotations of image %s not read in time; ignoring image annotations "
@@ -314,7 +256,7 @@ class SeccompPlugin:
             return {}
         except (ImageLookupError, reference.ReferenceError) as exc:
             if self.config.image_annotations_on_error == "refuse":
-                raise Refused(ttrpc.Code.FAILED_PRECONDITION,
+                raise Refusal(Kind.UNUSABLE,
                               f"{exc} (image_annotations_on_error: refuse)") from exc
             log.warning("%s; ignoring image annotations (image_annotations_on_error: ignore)",
                         exc)
@@ -327,8 +269,8 @@ class SeccompPlugin:
         key = (compiled.digest, self.caps, self.config.allow_errno_degrade)
         fut = self._translations.get(key)
         if fut is None:
-            assert self.workers is not None
-            fut = asyncio.ensure_future(self._translated(compiled, self.workers))
+            assert self.services is not None
+            fut = asyncio.ensure_future(self._translated(compiled, self.services.workers))
             self._translations.put(key, fut)
             # sized again once done: a pending translation counts as small
             fut.add_done_callback(functools.partial(self._resize, key))
@@ -339,13 +281,13 @@ class SeccompPlugin:
                 asyncio.shield(fut), max(deadline - time.monotonic(), 0)
             )
         except TimeoutError:
-            raise Refused(
-                ttrpc.Code.UNAVAILABLE,
+            raise Refusal(
+                Kind.RETRY,
                 f"seccomp profile {ref} is still being prepared for {self.caps.description}, "
                 "retry",
             ) from None
         except (compat.UnsupportedByRuntime, CompileBudgetExceeded) as exc:
-            raise Refused(ttrpc.Code.FAILED_PRECONDITION, f"{ref}: {exc}") from exc
+            raise Refusal(Kind.UNUSABLE, f"{ref}: {exc}") from exc
 
     async def _translated(self, compiled: Compiled, workers: SeccompWorkers) -> Answer:
         done = await workers.translate(
@@ -381,11 +323,3 @@ def _translation_bytes(fut: asyncio.Future[Answer]) -> int:
 def _changed(old: config.RegistrySettings, new: config.RegistrySettings) -> str:
     keys = [f.name for f in dataclasses.fields(old) if getattr(old, f.name) != getattr(new, f.name)]
     return ", ".join(keys) or "nothing"
-
-
-class Refused(Exception):
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
