@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import importlib
 import json
+import os
 import re
 import shutil
 import socket
@@ -50,9 +51,32 @@ CRIO_CONFIG = b"{}\n"
 
 
 def free_port() -> int:
+    """A port free now; another process may take it before ours binds it, so whoever
+    starts a server on it must check with :func:`owns_port` that the server is its own."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def owns_port(pid: int, port: int) -> bool:
+    """Whether process ``pid`` holds the TCP socket listening on ``port`` (from /proc)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                # local address "HEX_IP:HEX_PORT", state 0A = LISTEN
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
+                    inodes.add(fields[9])
+    if not inodes:
+        return False
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if target.startswith("socket:[") and target[8:-1] in inodes:
+                    return True
+    return False
 
 
 def digest_of(data: bytes) -> str:
@@ -182,6 +206,10 @@ class LocalRegistry:
             if self._proc.poll() is not None:
                 self._proc = None
                 return False
+            if not owns_port(self._proc.pid, self.port):
+                # not listening yet, or the port is someone else's: never talk to it
+                time.sleep(0.05)
+                continue
             with contextlib.suppress(requests.RequestException):
                 r = requests.get(f"{self.scheme}://{self.address}/v2/", timeout=0.5,
                                  verify=self._verify)

@@ -18,12 +18,13 @@ from typing import Any
 import yaml
 
 from nri_seccomp.decide.runtimes import CAPABILITY_NAMES
+from nri_seccomp.errors import NriSeccompError
 
 DEFAULT_CACHE_DIR = "/var/lib/nri-seccomp/cache"
 MAX_PROFILE_BYTES = 1024 * 1024  # CRI-O's cap
 
 
-class ConfigError(ValueError):
+class ConfigError(ValueError, NriSeccompError):
     """The configuration is invalid; the message names the key and the problem."""
 
 

@@ -24,6 +24,8 @@ from nri_seccomp.registry.artifacts import ArtifactFetcher, FetchSettings
 
 from .conftest import REGISTRY_USER
 
+pytestmark = pytest.mark.integration  # real processes: plugin, registries, servers
+
 PROFILE = json.dumps({"defaultAction": "SCMP_ACT_ERRNO", "defaultErrnoRet": 38,
                       "archMap": [{"architecture": "SCMP_ARCH_X86_64", "subArchitectures": []}],
                       "syscalls": [{"names": ["read"], "action": "SCMP_ACT_ALLOW"}]}).encode()

@@ -313,6 +313,7 @@ def test_threads_mixed_with_eviction_never_see_bad_bytes(tmp_path: Path) -> None
     assert not _leftovers(tmp_path)
 
 
+@pytest.mark.integration
 def test_second_opener_is_refused_with_the_pid(tmp_path: Path) -> None:
     first = Cache(tmp_path)
     with pytest.raises(CacheLockedError,
@@ -371,6 +372,7 @@ def test_full_disk_leaves_no_partial_file(tmp_path: Path) -> None:
         cache.close()
 
 
+@pytest.mark.integration
 def test_read_only_disk_serves_verified_blobs_and_refuses_writes(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     root = tmp_path / "ro"
@@ -408,6 +410,7 @@ ACCESS_PROBE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.integration
 def test_permission_denied_is_a_write_error(tmp_path: Path) -> None:
     setpriv = shutil.which("setpriv")
     assert setpriv is not None, "setpriv (util-linux) is needed to drop root's CAP_DAC_OVERRIDE"
@@ -453,6 +456,7 @@ WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.integration
 def test_sigkill_mid_write_never_leaves_a_partial_blob(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     rng = random.Random(1234)

@@ -14,6 +14,8 @@ from nri_seccomp.nri.stub import RuntimeInfo
 from nri_seccomp.registry import artifacts
 from nri_seccomp.service.plugin import SeccompPlugin
 
+pytestmark = pytest.mark.integration  # real processes: plugin, registries, servers
+
 RUNTIME = RuntimeInfo(name="containerd", version="v2.3.0", nri_version="v0.12.0")
 
 

@@ -24,6 +24,8 @@ from nri_seccomp.seccomp import profile
 
 from .plugin_harness import base_config, container, plugin, pod, run
 
+pytestmark = pytest.mark.integration  # real processes: plugin, registries, servers
+
 PROFILE = json.dumps({"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [
     {"names": ["read", "write"], "action": "SCMP_ACT_ALLOW"}]}).encode()
 

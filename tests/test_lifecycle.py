@@ -14,6 +14,8 @@ import pytest
 from devtools import driver
 from nri_seccomp.nri.pb import nri_pb2
 
+pytestmark = pytest.mark.integration  # real processes: plugin, registries, servers
+
 
 def run(coro: Coroutine[Any, Any, Any], timeout: float = 30) -> Any:
     return asyncio.run(asyncio.wait_for(coro, timeout))

@@ -17,6 +17,8 @@ from nri_seccomp.nri.pb import nri_pb2
 
 from .plugin_harness import base_config, container, plugin, pod, run
 
+pytestmark = pytest.mark.integration  # real processes: plugin, registries, servers
+
 PROFILE = {
     "defaultAction": "SCMP_ACT_ERRNO",
     "architectures": ["SCMP_ARCH_X86_64"],

@@ -12,6 +12,8 @@ from nri_seccomp.nri.pb import nri_pb2, ttrpc_pb2
 
 from .wire import RawRuntime, mux_frame, request, ttrpc_frame
 
+pytestmark = pytest.mark.integration  # real processes: plugin, registries, servers
+
 CREATE = nri_pb2.CreateContainerRequest(
     pod=nri_pb2.PodSandbox(id="p"), container=nri_pb2.Container(id="c", name="app")
 ).SerializeToString()

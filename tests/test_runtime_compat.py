@@ -22,6 +22,8 @@ from nri_seccomp.seccomp import compat, profile
 from .plugin_harness import base_config, container, plugin, pod, run
 from .test_profile import CRIO_BLOG, debian_profile  # noqa: F401 (fixture)
 
+pytestmark = pytest.mark.integration  # real processes: plugin, registries, servers
+
 ALL_EPERM: dict[str, Any] = {
     "defaultAction": "SCMP_ACT_ERRNO",
     "defaultErrnoRet": 1,

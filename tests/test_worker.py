@@ -19,6 +19,8 @@ from nri_seccomp.seccomp import profile as P
 from nri_seccomp.seccomp import worker as W
 from tests.test_profile import AMD64, CRIO_BLOG, debian_profile  # noqa: F401 (fixture)
 
+pytestmark = pytest.mark.integration  # real processes: plugin, registries, servers
+
 CONTAINERD_23 = runtimes.capabilities("containerd", "v2.3.0", "v0.12.0")
 #: CPU margin over the budget for the cost of the job around libseccomp
 MARGIN = 0.5

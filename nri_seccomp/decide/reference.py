@@ -20,6 +20,8 @@ import functools
 import re
 from dataclasses import dataclass
 
+from nri_seccomp.errors import NriSeccompError
+
 DEFAULT_REGISTRY = "docker.io"
 #: an annotation longer than this is refused before any other work
 MAX_LENGTH = 4096
@@ -38,7 +40,7 @@ DIGEST_PATTERNS = {"sha256": re.compile(r"[a-f0-9]{64}"), "sha512": re.compile(r
 _SCHEME = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*:/")
 
 
-class ReferenceError(ValueError):
+class ReferenceError(ValueError, NriSeccompError):
     """Not a usable OCI reference; the message says which part is wrong."""
 
     def __init__(self, value: str, problem: str) -> None:

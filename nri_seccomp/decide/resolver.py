@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from nri_seccomp.errors import NriSeccompError
+
 KEY_V2 = "seccomp-profile.crio.io"
 KEY_V1 = "seccomp-profile.kubernetes.cri-o.io"
 #: CRI-O main reads the v2 key first and falls back to its v1 twin at every step
@@ -32,7 +34,7 @@ _QUOTED = 64
 SOURCES = ("pod-container", "pod", "image", "image-container", "image-pod")
 
 
-class AnnotationError(ValueError):
+class AnnotationError(ValueError, NriSeccompError):
     """An annotation value that cannot be a reference; refused before any parsing or fetch."""
 
     def __init__(self, key: str, problem: str, value: str) -> None:

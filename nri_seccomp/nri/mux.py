@@ -14,6 +14,8 @@ import logging
 import struct
 from collections.abc import Iterator
 
+from nri_seccomp.errors import NriSeccompError
+
 log = logging.getLogger(__name__)
 
 HEADER = struct.Struct(">II")
@@ -33,7 +35,7 @@ PLUGIN_SERVICE_CONN = 1
 RUNTIME_SERVICE_CONN = 2
 
 
-class MuxError(Exception):
+class MuxError(NriSeccompError):
     """The multiplexed stream is malformed; the socket cannot be trusted any further."""
 
 

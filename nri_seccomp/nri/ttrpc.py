@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from google.protobuf.message import DecodeError
 
 from nri_seccomp.bounded import status_message
+from nri_seccomp.errors import NriSeccompError
 from nri_seccomp.nri.pb import ttrpc_pb2
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ class Code(enum.IntEnum):
     UNAUTHENTICATED = 16
 
 
-class RpcError(Exception):
+class RpcError(NriSeccompError):
     """An error status, raised by handlers to answer one, and by clients on receiving one."""
 
     def __init__(self, code: int, message: str) -> None:
@@ -72,7 +73,7 @@ class RpcError(Exception):
         return f"{name}: {self.message}"
 
 
-class ProtocolError(Exception):
+class ProtocolError(NriSeccompError):
     """The peer broke ttrpc framing; the connection cannot be used any further."""
 
 

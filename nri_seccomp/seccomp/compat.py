@@ -40,6 +40,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from nri_seccomp.errors import NriSeccompError
 from nri_seccomp.nri.pb import nri_pb2
 from nri_seccomp.seccomp import profile
 
@@ -59,7 +60,7 @@ class RuntimeCapsLike(Protocol):
     def description(self) -> str: ...
 
 
-class UnsupportedByRuntime(Exception):
+class UnsupportedByRuntime(NriSeccompError):
     """The runtime cannot apply this policy with its exact meaning; the container is refused."""
 
     def __init__(

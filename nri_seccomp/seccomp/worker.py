@@ -43,6 +43,7 @@ from typing import Any
 import pebble
 
 from nri_seccomp.decide import runtimes
+from nri_seccomp.errors import NriSeccompError
 from nri_seccomp.nri.pb import nri_pb2
 from nri_seccomp.seccomp import compat, profile
 
@@ -61,7 +62,7 @@ class Budget:
     workers: int = 1
 
 
-class CompileBudgetExceeded(Exception):
+class CompileBudgetExceeded(NriSeccompError):
     """The job was stopped at its budget; the profile is refused."""
 
 

@@ -23,6 +23,7 @@ from typing import Protocol
 
 from nri_seccomp.decide import resolver
 from nri_seccomp.decide.reference import Reference
+from nri_seccomp.errors import NriSeccompError
 from nri_seccomp.memo import BoundedMap, Busy, SingleFlight
 from nri_seccomp.registry.artifacts import ArtifactError, PolicyError
 
@@ -35,7 +36,7 @@ FETCH_BUDGET = 30.0
 MAX_KEYS = 64
 
 
-class ImageLookupError(Exception):
+class ImageLookupError(NriSeccompError):
     pass
 
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from nri_seccomp.decide.reference import Reference
+from nri_seccomp.errors import NriSeccompError
 from nri_seccomp.memo import BoundedMap, Busy, KeyedLimiter, SingleFlight
 from nri_seccomp.nri.pb import nri_pb2
 from nri_seccomp.registry import artifacts
@@ -53,7 +54,7 @@ T = TypeVar("T")
 REFUSING_ERRORS: tuple[type[Exception], ...] = (profile.ProfileError, CompileBudgetExceeded)
 
 
-class NotReady(Exception):
+class NotReady(NriSeccompError):
     """The profile is still being fetched; the runtime should retry the creation."""
 
     def __init__(self, reference: str, why: str = "is still being fetched") -> None:
@@ -61,7 +62,7 @@ class NotReady(Exception):
         self.reference = reference
 
 
-class ProfileRejected(Exception):
+class ProfileRejected(NriSeccompError):
     """The artifact was fetched but is not a usable profile (CRI-O: 'apply profile from bytes')."""
 
     def __init__(self, digest: str, cause: Exception | str) -> None:

@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from nri_seccomp.errors import NriSeccompError
+
 log = logging.getLogger(__name__)
 
 _DIGEST = re.compile(r"sha256:[a-f0-9]{64}")
@@ -53,7 +55,7 @@ DIR_MODE = 0o700
 FILE_MODE = 0o600
 
 
-class CacheError(Exception):
+class CacheError(NriSeccompError):
     """The cache cannot do what was asked; the message names the path."""
 
 
