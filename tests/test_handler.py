@@ -1,0 +1,163 @@
+"""The CreateContainer handler over fakes of its services: CRI-O's outcomes as a table, in ms.
+
+The registry and the disk are in-memory fakes; libseccomp, the profile checks and
+the errno translation are the real ones, run in this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from nri_seccomp import config, wiring
+from nri_seccomp.decide import runtimes
+from nri_seccomp.decide.resolver import KEY_V1, KEY_V2
+from nri_seccomp.errors import Kind, Refusal
+from nri_seccomp.nri.pb import nri_pb2
+from nri_seccomp.service.images import ImageAnnotations
+from nri_seccomp.service.plugin import SeccompPlugin
+from nri_seccomp.service.store import ProfileStore
+
+from .fakes import NODE, FakeDisk, FakeRegistry, InlineWorkers
+
+PROFILE = json.dumps({"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [
+    {"names": ["read", "write", "exit_group"], "action": "SCMP_ACT_ALLOW"}]}).encode()
+LISTENER = json.dumps({"defaultAction": "SCMP_ACT_ALLOW", "listenerPath": "/run/agent.sock",
+                       "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_NOTIFY"}]}).encode()
+REF = "r.example/p/prof:1"
+IMAGE = "r.example/app/img:1"
+
+
+def handler(caps: runtimes.RuntimeCaps, registry: FakeRegistry,
+            cfg: config.Config | None = None) -> SeccompPlugin:
+    plugin = SeccompPlugin()
+    plugin.config = cfg or config.Config()
+    plugin.caps = caps
+    store = ProfileStore(registry, FakeDisk(), None, InlineWorkers(),  # type: ignore[arg-type]
+                         wiring.store_settings(plugin.config), NODE)
+    plugin.services = wiring.Services(store, ImageAnnotations(registry), InlineWorkers(),
+                                      ThreadPoolExecutor(1))  # type: ignore[arg-type]
+    return plugin
+
+
+def ctr(profile: str | None = None, image: str = IMAGE) -> nri_pb2.Container:
+    c = nri_pb2.Container(name="app", annotations={"io.kubernetes.cri.image-name": image})
+    if profile == "unconfined":
+        c.linux.seccomp_profile.profile_type = nri_pb2.SecurityProfile.UNCONFINED
+    elif profile == "runtime-default":
+        c.linux.seccomp_profile.SetInParent()
+    elif profile == "localhost":
+        c.linux.seccomp_profile.profile_type = nri_pb2.SecurityProfile.LOCALHOST
+        c.linux.seccomp_profile.localhost_ref = "/var/lib/kubelet/seccomp/x.json"
+    return c
+
+
+def pod(annotations: dict[str, str] | None = None) -> nri_pb2.PodSandbox:
+    return nri_pb2.PodSandbox(name="pod", namespace="ns", annotations=annotations or {})
+
+
+C23 = runtimes.capabilities("containerd", "v2.3.0", "v0.12.0")
+C224 = runtimes.capabilities("containerd", "v2.2.4")
+C17 = runtimes.capabilities("containerd", "v1.7.20")
+
+CASES = [
+    # (name, pod annotations, image annotations, container profile, runtime, expect)
+    ("unannotated", {}, {}, None, C23, None),
+    ("pod KEY/POD", {f"{KEY_V1}/POD": REF}, {}, None, C23, "applied"),
+    ("pod v2 KEY/<container>", {f"{KEY_V2}/app": REF}, {}, "unconfined", C23, "applied"),
+    ("pod annotation for another container", {f"{KEY_V1}/other": REF}, {}, None, C23, None),
+    ("empty value opts out", {f"{KEY_V1}/POD": REF, f"{KEY_V1}/app": ""}, {}, None, C23, None),
+    ("image bare key", {}, {KEY_V1: REF}, None, C23, "applied"),
+    ("image KEY/<container>", {}, {f"{KEY_V1}/app": REF}, None, C23, "applied"),
+    ("RuntimeDefault wins", {f"{KEY_V1}/POD": REF}, {}, "runtime-default", C23, None),
+    ("Localhost wins", {f"{KEY_V1}/POD": REF}, {}, "localhost", C23, None),
+    ("runtime drops seccomp adjustments", {f"{KEY_V1}/POD": REF}, {}, None, C17,
+     Kind.UNUSABLE),
+    ("RuntimeDefault on an old runtime starts", {f"{KEY_V1}/POD": REF}, {}, "runtime-default",
+     C17, None),
+    ("2.2.4 carries an allow-list", {f"{KEY_V1}/POD": REF}, {}, None, C224, "applied"),
+    ("control character in the value", {f"{KEY_V1}/POD": "r.example/p\n:1"}, {}, None, C23,
+     Kind.INVALID),
+    ("not a reference", {f"{KEY_V1}/POD": "https://r.example/p"}, {}, None, C23, Kind.INVALID),
+    ("registry not allowed", {f"{KEY_V1}/POD": "evil.example/p/x:1"}, {}, None, C23,
+     Kind.FORBIDDEN),
+    ("missing artifact", {f"{KEY_V1}/POD": "r.example/p/missing:1"}, {}, None, C23,
+     Kind.UNUSABLE),
+    ("listener profile", {f"{KEY_V1}/POD": "r.example/p/listener:1"}, {}, None, C23,
+     Kind.FORBIDDEN),
+]
+
+
+@pytest.mark.parametrize(("name", "pod_ann", "image_ann", "profile", "caps", "expect"), CASES,
+                         ids=[c[0] for c in CASES])
+def test_outcomes(name: str, pod_ann: dict[str, str], image_ann: dict[str, str],
+                  profile: str | None, caps: runtimes.RuntimeCaps,
+                  expect: str | Kind | None) -> None:
+    reg = FakeRegistry({REF: PROFILE, "r.example/p/listener:1": LISTENER},
+                       images={IMAGE: image_ann})
+    plugin = handler(caps, reg)
+
+    async def go() -> nri_pb2.ContainerAdjustment | None:
+        return await plugin.create_container(pod(pod_ann), ctr(profile),
+                                             time.monotonic() + 2.0)
+
+    if isinstance(expect, Kind):
+        with pytest.raises(Refusal) as info:
+            asyncio.run(go())
+        assert info.value.kind is expect, info.value
+        return
+    adjust = asyncio.run(go())
+    if expect is None:
+        assert adjust is None
+    else:
+        assert adjust is not None
+        seccomp = adjust.linux.seccomp_policy
+        assert seccomp.default_action == "SCMP_ACT_ERRNO"
+        assert [list(r.names) for r in seccomp.syscalls] == [["read", "write", "exit_group"]]
+
+
+def test_ineligible_container_asks_no_image() -> None:
+    reg = FakeRegistry({REF: PROFILE}, images={IMAGE: {KEY_V1: REF}})
+    plugin = handler(C23, reg)
+    adjust = asyncio.run(plugin.create_container(pod(), ctr("localhost"), time.monotonic() + 2))
+    assert adjust is None and reg.calls == []
+
+
+def test_not_ready_within_answer_wait_is_retry_and_the_work_goes_on() -> None:
+    reg = FakeRegistry({REF: PROFILE})
+    reg.gate = None
+    plugin = handler(C23, reg, config.Config(answer_wait=0.05))
+
+    async def go() -> tuple[Kind, nri_pb2.ContainerAdjustment | None]:
+        reg.gate = asyncio.Event()
+        with pytest.raises(Refusal) as info:
+            await plugin.create_container(pod({f"{KEY_V1}/POD": REF}), ctr(),
+                                          time.monotonic() + 2)
+        reg.gate.set()
+        await asyncio.sleep(0.05)
+        again = await plugin.create_container(pod({f"{KEY_V1}/POD": REF}), ctr(),
+                                              time.monotonic() + 2)
+        return info.value.kind, again
+
+    kind, again = asyncio.run(go())
+    assert kind is Kind.RETRY and again is not None
+    assert reg.calls == [REF]
+
+
+def test_translation_is_done_once_per_profile_and_runtime() -> None:
+    reg = FakeRegistry({REF: PROFILE})
+    plugin = handler(C23, reg)
+    assert plugin.services is not None
+    workers = plugin.services.workers
+
+    async def go() -> None:
+        for _ in range(5):
+            await plugin.create_container(pod({f"{KEY_V1}/POD": REF}), ctr(),
+                                          time.monotonic() + 2)
+
+    asyncio.run(go())
+    assert workers.translated == 1  # type: ignore[attr-defined]
