@@ -319,7 +319,8 @@ def test_second_opener_is_refused_with_the_pid(tmp_path: Path) -> None:
                        match=f"cache {tmp_path} is in use by another process "
                              rf"\(pid {os.getpid()}\)"):
         Cache(tmp_path)
-    code = f"import pathlib, nri_seccomp.storage.cache as c; c.Cache(pathlib.Path({str(tmp_path)!r}))"
+    code = ("import pathlib, nri_seccomp.storage.cache as c; "
+            f"c.Cache(pathlib.Path({str(tmp_path)!r}))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=False)
     assert proc.returncode != 0
