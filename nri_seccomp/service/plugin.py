@@ -28,7 +28,8 @@ from nri_seccomp.registry.artifacts import (
     FetchSettings,
     PolicyError,
 )
-from nri_seccomp.seccomp import compat, profile
+from nri_seccomp.seccomp import compat
+from nri_seccomp.seccomp import select as profile
 from nri_seccomp.seccomp.worker import Budget, CompileBudgetExceeded, SeccompWorkers
 from nri_seccomp.service import store as store_mod
 from nri_seccomp.service.images import ImageAnnotations, ImageLookupError

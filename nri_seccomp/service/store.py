@@ -40,7 +40,7 @@ from nri_seccomp.decide.reference import Reference
 from nri_seccomp.memo import BoundedMap, Busy, KeyedLimiter, SingleFlight
 from nri_seccomp.nri.pb import nri_pb2
 from nri_seccomp.registry import artifacts
-from nri_seccomp.seccomp import profile
+from nri_seccomp.seccomp import model as profile
 from nri_seccomp.seccomp.worker import CompileBudgetExceeded, PreparedProfile, prepare_inline
 from nri_seccomp.storage import cache
 
