@@ -69,7 +69,7 @@ def normalise(profile: Profile) -> Normalised:
 
 
 def _split(rule: Rule) -> int:
-    """How many libseccomp rules one name of ``rule`` becomes (see _build)."""
+    """How many libseccomp rules one name of ``rule`` becomes (as compile_check adds them)."""
     indexes = [c.index for c in rule.args]
     return len(indexes) if len(set(indexes)) < len(indexes) else 1
 

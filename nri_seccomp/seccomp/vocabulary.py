@@ -144,6 +144,7 @@ MAX_BPF_INSTRUCTIONS = 4096
 
 
 def action_value(action: str, errno_ret: int | None) -> int:
+    """The seccomp return value of a rule: ERRNO/TRACE carry the errno, EPERM if absent."""
     base = ACTIONS[action]
     if action in ERRNO_ACTIONS:
         return base | ((EPERM if errno_ret is None else errno_ret) & 0xFFFF)
