@@ -15,7 +15,7 @@ from pathlib import Path
 
 from nri_seccomp import config
 from nri_seccomp.registry.artifacts import ArtifactFetcher, FetchSettings
-from nri_seccomp.seccomp import profile
+from nri_seccomp.seccomp import select
 from nri_seccomp.seccomp.worker import Budget, SeccompWorkers
 from nri_seccomp.service.images import ImageAnnotations
 from nri_seccomp.service.store import ProfileStore, StoreSettings
@@ -82,6 +82,6 @@ def services(cfg: config.Config, client: ArtifactFetcher) -> Services:
         log.error("on-disk cache %s unavailable, continuing without it: %s", cfg.cache_dir, exc)
         disk = None
     store = ProfileStore(client, disk, disk_executor, workers, store_settings(cfg),
-                         profile.node_context())
+                         select.node_context())
     return Services(store, ImageAnnotations(client, cfg.image_lookup_concurrency), workers,
                     disk_executor)

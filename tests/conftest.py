@@ -1,4 +1,5 @@
-"""Shared fixtures: real registry processes, started once per session and only when used."""
+"""Shared fixtures: real registry processes, started once per session and only when used;
+Debian's default seccomp profile."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from devtools.registry import LocalRegistry
+from tests.profiles import SYSTEM_PROFILE, fetch_debian_profile
 
 #: (user, password) every authenticated test registry knows
 REGISTRY_USER = ("alice", "s3cret")
@@ -31,3 +33,11 @@ def token_registry() -> Iterator[LocalRegistry]:
     """docker-registry with token (Bearer) authentication; its token server knows REGISTRY_USER."""
     with LocalRegistry(users=dict([REGISTRY_USER]), token_auth=True) as reg:
         yield reg
+
+
+@pytest.fixture(scope="session")
+def debian_profile(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """Debian's default profile: the installed one, else from the package archive."""
+    if SYSTEM_PROFILE.exists():
+        return SYSTEM_PROFILE.read_bytes()
+    return fetch_debian_profile(tmp_path_factory.mktemp("containers-common"))

@@ -13,11 +13,11 @@ from nri_seccomp.decide import runtimes
 from nri_seccomp.decide.reference import Reference
 from nri_seccomp.nri.pb import nri_pb2
 from nri_seccomp.registry import artifacts
-from nri_seccomp.seccomp import profile
+from nri_seccomp.seccomp import model
 from nri_seccomp.seccomp.worker import PreparedProfile, Translated, prepare_inline, translate_inline
 from nri_seccomp.storage import cache
 
-NODE = profile.NodeContext(arch="amd64", kernel=(6, 1))
+NODE = model.NodeContext(arch="amd64", kernel=(6, 1))
 GOOD = b'{"defaultAction": "SCMP_ACT_ALLOW"}'
 BOMB = b'{"bomb": true}'
 
@@ -95,11 +95,11 @@ class FakeRegistry:
 class FakeCompiler:
     compiles: int = 0
 
-    async def prepare(self, data: bytes, node: profile.NodeContext,
+    async def prepare(self, data: bytes, node: model.NodeContext,
                       unknown_syscalls: str) -> PreparedProfile:
         self.compiles += 1
         if data == BOMB:
-            raise profile.ProfileFieldError("syscalls[0] (names: read): too many conditions")
+            raise model.ProfileFieldError("syscalls[0] (names: read): too many conditions")
         policy = nri_pb2.LinuxSeccomp(default_action="SCMP_ACT_ALLOW")
         policy.syscalls.add(names=[data.decode()[:20]], action="SCMP_ACT_ERRNO")
         return PreparedProfile(policy.SerializeToString(), (0,), ())
@@ -140,7 +140,7 @@ class InlineWorkers:
         self.prepared = 0
         self.translated = 0
 
-    async def prepare(self, data: bytes, node: profile.NodeContext,
+    async def prepare(self, data: bytes, node: model.NodeContext,
                       unknown_syscalls: str) -> PreparedProfile:
         self.prepared += 1
         return prepare_inline(data, node, unknown_syscalls)

@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 
 from nri_seccomp.nri.pb import nri_pb2
+from nri_seccomp.seccomp import bpf, libseccomp, model, prepare, vocabulary
 from nri_seccomp.seccomp import compat as C
-from nri_seccomp.seccomp import profile as P
-from tests.test_profile import AMD64, CRIO_BLOG, debian_profile  # noqa: F401 (fixture)
+from tests.profiles import CRIO_BLOG
 
 
 @dataclass(frozen=True)
@@ -53,10 +53,10 @@ ALL_EPERM: dict[str, Any] = {
 }
 
 
-def prepared(doc: dict[str, Any] | bytes, caps: frozenset[str] = P.DEFAULT_CAPABILITIES
-             ) -> P.Prepared:
+def prepared(doc: dict[str, Any] | bytes, caps: frozenset[str] = vocabulary.DEFAULT_CAPABILITIES
+             ) -> prepare.Prepared:
     data = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
-    return P.prepare(data, P.NodeContext("amd64", (6, 1), caps))
+    return prepare.prepare(data, model.NodeContext("amd64", (6, 1), caps))
 
 
 def policy_of(doc: dict[str, Any] | bytes) -> nri_pb2.LinuxSeccomp:
@@ -64,7 +64,7 @@ def policy_of(doc: dict[str, Any] | bytes) -> nri_pb2.LinuxSeccomp:
 
 
 @pytest.fixture(scope="module")
-def prepared_profiles(debian_profile: bytes) -> dict[str, P.Prepared]:  # noqa: F811
+def prepared_profiles(debian_profile: bytes) -> dict[str, prepare.Prepared]:
     return {
         "crio-blog": prepared(CRIO_BLOG),
         "debian": prepared(debian_profile),
@@ -75,7 +75,7 @@ def prepared_profiles(debian_profile: bytes) -> dict[str, P.Prepared]:  # noqa: 
 
 
 @pytest.fixture(scope="module")
-def profiles(prepared_profiles: dict[str, P.Prepared]) -> dict[str, nri_pb2.LinuxSeccomp]:
+def profiles(prepared_profiles: dict[str, prepare.Prepared]) -> dict[str, nri_pb2.LinuxSeccomp]:
     return {name: p.policy for name, p in prepared_profiles.items()}
 
 
@@ -113,7 +113,7 @@ EXPECTED: dict[tuple[str, str], list[str] | None] = {
     ("name", "runtime"), [pytest.param(n, r, id=f"{n}@{r}") for n, r in EXPECTED]
 )
 def test_exact_meaning_or_refusal(
-    prepared_profiles: dict[str, P.Prepared], name: str, runtime: str
+    prepared_profiles: dict[str, prepare.Prepared], name: str, runtime: str
 ) -> None:
     original = prepared_profiles[name].policy
     origin = prepared_profiles[name].profile.rule_indexes
@@ -137,7 +137,7 @@ def test_exact_meaning_or_refusal(
         assert not has_errno_ret(sent), "the runtime would crash"
     # the runtime's view of what was sent, compiled, against the original profile
     assert C.differences(original, C.effective_policy(sent, caps)) == []
-    P.compile_check(sent)
+    libseccomp.compile_check(sent)
 
 
 def test_the_checks_see_a_difference(profiles: dict[str, nri_pb2.LinuxSeccomp]) -> None:
@@ -164,7 +164,7 @@ def test_crio_blog_on_230_materialises_the_default(
     x86 = C.effective_policy(t.policy, CONTAINERD_230)
     for op, action in [(1, ("SCMP_ACT_ALLOW", None)), (13, ("SCMP_ACT_ERRNO", 38)),
                        (0, ("SCMP_ACT_ERRNO", 38)), (2**31, ("SCMP_ACT_ERRNO", 38))]:
-        assert P.action_for(x86, "SCMP_ARCH_X86", "socketcall", {0: op}) == action
+        assert bpf.action_for(x86, "SCMP_ARCH_X86", "socketcall", {0: op}) == action
     assert any("carried by an explicit SCMP_ACT_ERRNO rule" in n for n in t.notes)
 
 
@@ -180,7 +180,7 @@ def test_debian_degraded_on_request(profiles: dict[str, nri_pb2.LinuxSeccomp]) -
 
 
 def test_per_syscall_errno_degraded_on_request(
-    prepared_profiles: dict[str, P.Prepared],
+    prepared_profiles: dict[str, prepare.Prepared],
 ) -> None:
     debian = prepared_profiles["debian-no-audit-write"]
     t = C.translate(debian.policy, CONTAINERD_224, allow_errno_degrade=True,
@@ -328,7 +328,7 @@ def test_a_conditional_only_syscall_on_one_32_bit_argument_is_complemented() -> 
 
 def test_translation_time(profiles: dict[str, nri_pb2.LinuxSeccomp]) -> None:
     for name in ("crio-blog", "debian"):
-        P.clear_caches()
+        bpf.clear_caches()
         started = time.perf_counter()
         with contextlib.suppress(C.UnsupportedByRuntime):
             C.translate(profiles[name], CONTAINERD_230)

@@ -20,7 +20,7 @@ from devtools.badregistry import BadRegistry
 from devtools.registry import LocalRegistry
 from nri_seccomp.decide.resolver import KEY_V1
 from nri_seccomp.nri.pb import nri_pb2
-from nri_seccomp.seccomp import profile
+from nri_seccomp.seccomp import model, prepare, select
 
 from .plugin_harness import base_config, container, plugin, pod, run
 
@@ -324,18 +324,18 @@ _json = st.recursive(
 @settings(max_examples=400, deadline=None)
 def test_fuzz_profile_parser(value: object) -> None:
     data = json.dumps(value).encode()
-    node = profile.node_context()
+    node = select.node_context()
     try:
-        profile.prepare(data, node)
-    except profile.ProfileError as exc:
+        prepare.prepare(data, node)
+    except model.ProfileError as exc:
         assert str(exc)
 
 
 @given(st.binary(max_size=300))
 @settings(max_examples=300, deadline=None)
 def test_fuzz_profile_parser_bytes(data: bytes) -> None:
-    with contextlib.suppress(profile.ProfileError):
-        profile.prepare(data, profile.node_context())
+    with contextlib.suppress(model.ProfileError):
+        prepare.prepare(data, select.node_context())
 
 
 

@@ -17,10 +17,10 @@ import pytest
 from devtools import driver
 from devtools.registry import LocalRegistry
 from nri_seccomp.decide.resolver import KEY_V1
-from nri_seccomp.seccomp import compat, profile
+from nri_seccomp.seccomp import compat, libseccomp, prepare, select
 
 from .plugin_harness import base_config, container, plugin, pod, run
-from .test_profile import CRIO_BLOG, debian_profile  # noqa: F401 (fixture)
+from .profiles import CRIO_BLOG
 
 pytestmark = pytest.mark.integration  # real processes: plugin, registries, servers
 
@@ -48,7 +48,7 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def pushed(registry: LocalRegistry, debian_profile: bytes) -> dict[str, tuple[str, bytes]]:  # noqa: F811
+def pushed(registry: LocalRegistry, debian_profile: bytes) -> dict[str, tuple[str, bytes]]:
     out = {}
     for name, data in (("blog", json.dumps(CRIO_BLOG).encode()), ("debian", debian_profile),
                        ("eperm", json.dumps(ALL_EPERM).encode())):
@@ -77,7 +77,7 @@ def test_runtime_gets_exact_meaning_or_refusal(
     if expected == "exact":
         assert result.error is None, result.error
         assert result.applied is not None
-        original = profile.prepare(data, profile.node_context()).policy
+        original = prepare.prepare(data, select.node_context()).policy
         assert compat.differences(original, result.applied) == []
     else:
         assert result.error is not None, "expected a refusal"
@@ -100,7 +100,7 @@ def test_degrade_switch_applies_eperm_with_a_warning(
     assert result.applied is not None
     assert all(not rule.HasField("errno_ret") for rule in result.applied.syscalls)
     assert "degraded to EPERM (allow_errno_degrade)" in log
-    original = profile.prepare(data, profile.node_context()).policy
+    original = prepare.prepare(data, select.node_context()).policy
     diffs = compat.differences(original, result.applied)
     assert diffs, "degrading must change something for Debian's profile"
     assert all("SCMP_ACT_ERRNO(1)" in d.split("→")[1] for d in diffs)
@@ -112,7 +112,7 @@ def test_large_answers_are_readable_by_containerd(registry: LocalRegistry, tmp_p
     """containerd cannot read a mux chunk over 4096 bytes: it drops the plugin and runs the
     container unconfined (seen on real 2.2.4, 2.3.4 and main). The driver refuses such
     chunks the same way, so an answer of several KiB must arrive in small chunks."""
-    names = list(profile.known_syscalls("SCMP_ARCH_X86_64"))[:450]
+    names = list(libseccomp.known_syscalls("SCMP_ARCH_X86_64"))[:450]
     data = json.dumps({"defaultAction": "SCMP_ACT_ERRNO", "architectures": ["SCMP_ARCH_X86_64"],
                        "syscalls": [{"names": names, "action": "SCMP_ACT_ALLOW"}]}).encode()
     registry.push_profile("large/answer", "v1", data)
@@ -129,7 +129,7 @@ def test_large_answers_are_readable_by_containerd(registry: LocalRegistry, tmp_p
     assert result.fatal is None and result.error is None, (result.fatal, result.error)
     assert result.response is not None and result.response.ByteSize() > 4096
     assert result.applied is not None
-    original = profile.prepare(data, profile.node_context()).policy
+    original = prepare.prepare(data, select.node_context()).policy
     assert compat.differences(original, result.applied) == []
 
 

@@ -15,9 +15,9 @@ import pytest
 
 from nri_seccomp.decide import runtimes
 from nri_seccomp.seccomp import compat as C
-from nri_seccomp.seccomp import profile as P
+from nri_seccomp.seccomp import libseccomp, model, normalise, nri, parse, prepare, select
 from nri_seccomp.seccomp import worker as W
-from tests.test_profile import AMD64, CRIO_BLOG, debian_profile  # noqa: F401 (fixture)
+from tests.profiles import AMD64, CRIO_BLOG
 
 pytestmark = pytest.mark.integration  # real processes: plugin, registries, servers
 
@@ -138,7 +138,7 @@ def _cpu_of(fn: Any) -> float:
 
 
 @pytest.mark.parametrize("which", ["crio-blog", "debian"])
-def test_worker_results_equal_inline(pool: Pool, which: str, debian_profile: bytes) -> None:  # noqa: F811
+def test_worker_results_equal_inline(pool: Pool, which: str, debian_profile: bytes) -> None:
     data = dumps(CRIO_BLOG) if which == "crio-blog" else debian_profile
     inline = W.prepare_inline(data, AMD64, "refuse")
     remote = pool.run(pool.workers.prepare(data, AMD64, "refuse"))
@@ -162,14 +162,14 @@ def test_worker_results_equal_inline(pool: Pool, which: str, debian_profile: byt
 def test_errors_are_rebuilt_with_class_message_and_context(pool: Pool) -> None:
     data = dumps({"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [
         {"names": ["open", "opne"], "action": "SCMP_ACT_ALLOW"}]})
-    with pytest.raises(P.UnknownSyscallError) as inline:
+    with pytest.raises(model.UnknownSyscallError) as inline:
         W.prepare_inline(data, AMD64, "refuse")
-    with pytest.raises(P.UnknownSyscallError) as remote:
+    with pytest.raises(model.UnknownSyscallError) as remote:
         pool.run(pool.workers.prepare(data, AMD64, "refuse"))
     assert str(remote.value) == str(inline.value)
     assert (remote.value.rule_index, remote.value.syscall, remote.value.names) == (
         0, "opne", ("open", "opne"))
-    with pytest.raises(P.ProfileSyntaxError, match="not JSON"):
+    with pytest.raises(model.ProfileSyntaxError, match="not JSON"):
         pool.run(pool.workers.prepare(b"{", AMD64, "refuse"))
     # a runtime refusal: errnoRet 38 on containerd 2.2.4
     prepared = W.prepare_inline(dumps({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
@@ -221,14 +221,14 @@ DUPLICATES: list[dict[str, Any]] = [
 
 @pytest.mark.parametrize("doc", DUPLICATES)
 def test_normalisation_keeps_the_filter(doc: dict[str, Any]) -> None:
-    original = P.to_nri(P.for_node(P.parse(dumps(doc)), AMD64))
-    normal = P.prepare(dumps(doc), AMD64).policy
+    original = nri.to_nri(select.for_node(parse.parse(dumps(doc)), AMD64))
+    normal = prepare.prepare(dumps(doc), AMD64).policy
     assert len(normal.syscalls) < len(original.syscalls)
     assert C.differences(original, normal) == []
 
 
 def test_normalisation_drops_repeats_and_default_rules() -> None:
-    normal = P.normalise(P.for_node(P.parse(dumps(DUPLICATES[0])), AMD64))
+    normal = normalise.normalise(select.for_node(parse.parse(dumps(DUPLICATES[0])), AMD64))
     assert [(r.index, r.names) for r in normal.profile.syscalls] == [
         (0, ("read", "write", "close")), (1, ("write",)), (2, ("openat",))]
     assert [r.index for r in normal.dropped] == [3]
@@ -238,10 +238,10 @@ def test_dropped_rules_names_are_still_checked() -> None:
     data = dumps({"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [
         {"names": ["read"], "action": "SCMP_ACT_ALLOW"},
         {"names": ["mount", "mountt"], "action": "SCMP_ACT_ERRNO"}]})
-    with pytest.raises(P.UnknownSyscallError,
+    with pytest.raises(model.UnknownSyscallError,
                        match=r"^syscalls\[1\] \(names: mount, mountt\): unknown syscall 'mountt'"):
-        P.prepare(data, AMD64)
-    report = P.prepare(data, AMD64, unknown_syscalls="warn").report
+        prepare.prepare(data, AMD64)
+    report = prepare.prepare(data, AMD64, unknown_syscalls="warn").report
     assert report.unknown_syscalls == ("mountt",)
     assert report.rules_skipped == 1
 
@@ -260,8 +260,8 @@ def eq(index: int, value: int) -> dict[str, Any]:
 
 
 def refused(doc: dict[str, Any]) -> str:
-    with pytest.raises(P.ProfileFieldError) as info:
-        P.prepare(dumps(doc), AMD64)
+    with pytest.raises(model.ProfileFieldError) as info:
+        prepare.prepare(dumps(doc), AMD64)
     return str(info.value)
 
 
@@ -272,7 +272,7 @@ def test_at_most_128_rules_per_syscall() -> None:
         "syscalls[128] (names: read): read has 129 rules (conditions on one argument "
         "counting one rule each); at most 128 rules may name a syscall")
     doc["syscalls"].pop()
-    P.prepare(dumps(doc), AMD64)
+    prepare.prepare(dumps(doc), AMD64)
 
 
 def test_split_conditions_count_towards_the_syscall_limit() -> None:
@@ -293,7 +293,7 @@ def test_at_most_6_conditions_per_rule() -> None:
 
 
 def test_at_most_4096_names() -> None:
-    names = list(P.known_syscalls("SCMP_ARCH_X86_64"))
+    names = list(libseccomp.known_syscalls("SCMP_ARCH_X86_64"))
     actions = ["SCMP_ACT_ALLOW", "SCMP_ACT_LOG", "SCMP_ACT_TRAP", "SCMP_ACT_KILL_PROCESS"]
     per = [{"names": names, "action": a, "args": [eq(0, k)]}
            for k in range(4096 // len(names) // len(actions) + 1) for a in actions]
@@ -313,7 +313,7 @@ def test_at_most_4096_rules() -> None:
     doc = {"defaultAction": "SCMP_ACT_ERRNO",
            "syscalls": [rule(["read"], [eq(0, i)]) for i in range(4097)]}
     # the per-syscall limit comes first for one name: use distinct values on many names
-    names = P.known_syscalls("SCMP_ARCH_X86_64")
+    names = libseccomp.known_syscalls("SCMP_ARCH_X86_64")
     doc["syscalls"] = [rule([names[i % len(names)]], [eq(0, i)]) for i in range(4097)]
     assert refused(doc) == (
         f"syscalls[4096] (names: {names[4096 % len(names)]}): rule 4097 (for "
@@ -335,8 +335,8 @@ def test_an_error_for_a_megabyte_of_unknown_keys_is_short() -> None:
         size += len(key) + 7
         i += 1
     doc = {"defaultAction": "SCMP_ACT_ERRNO", **keys}
-    with pytest.raises(P.ProfileFieldError) as info:
-        P.parse(dumps(doc))
+    with pytest.raises(model.ProfileFieldError) as info:
+        parse.parse(dumps(doc))
     assert len(str(info.value).encode()) < 1024
     assert str(info.value).count("more") == 1
 
@@ -344,20 +344,20 @@ def test_an_error_for_a_megabyte_of_unknown_keys_is_short() -> None:
 def test_case_variant_keys_are_shown_at_most_five() -> None:
     doc = {"defaultAction": "SCMP_ACT_ERRNO",
            **{"DefaultAction" + "x" * n: 0 for n in range(8)}}
-    with pytest.raises(P.ProfileFieldError, match=r"and 3 more \(known: ") as info:
-        P.parse(dumps(doc))
+    with pytest.raises(model.ProfileFieldError, match=r"and 3 more \(known: ") as info:
+        parse.parse(dumps(doc))
     assert str(info.value).count("'DefaultAction") == 5
 
 
 def test_quoted_values_are_cut_and_cleaned() -> None:
     name = "evil\n\x1b[31mFAKE LOG LINE" + "x" * 1000
-    with pytest.raises(P.UnknownSyscallError) as info:
-        P.prepare(dumps({"defaultAction": "SCMP_ACT_ERRNO",
+    with pytest.raises(model.UnknownSyscallError) as info:
+        prepare.prepare(dumps({"defaultAction": "SCMP_ACT_ERRNO",
                          "syscalls": [rule([name])]}), AMD64)
     msg = str(info.value)
     assert "\n" not in msg and "\x1b" not in msg
     assert len(msg) < 400
     assert "'evil[31mFAKE LOG LINE" in msg
-    with pytest.raises(P.ProfileFieldError) as action:
-        P.parse(dumps({"defaultAction": "X" * 10_000}))
+    with pytest.raises(model.ProfileFieldError) as action:
+        parse.parse(dumps({"defaultAction": "X" * 10_000}))
     assert len(str(action.value)) < 400

@@ -42,7 +42,7 @@ from typing import Protocol
 
 from nri_seccomp.errors import NriSeccompError
 from nri_seccomp.nri.pb import nri_pb2
-from nri_seccomp.seccomp import profile
+from nri_seccomp.seccomp import bpf, libseccomp, model, parse, vocabulary
 
 EPERM = errno_mod.EPERM
 
@@ -131,7 +131,7 @@ def translate(
     if out.HasField("default_errno") and not caps.keeps_default_errno:
         d = out.default_errno.value
         what = f"defaultErrnoRet {d} ({_errno_name(d)})"
-        if out.default_action not in profile.ERRNO_ACTIONS:
+        if out.default_action not in vocabulary.ERRNO_ACTIONS:
             out.ClearField("default_errno")
             notes.append(f"{what} dropped: it has no effect with {out.default_action}")
         elif d == EPERM:
@@ -142,7 +142,7 @@ def translate(
                 materialised, complemented = _materialise(
                     policy, out, caps, d, allow_errno_degrade, warnings
                 )
-            except profile.AnalysisTooCostly as exc:
+            except bpf.AnalysisTooCostly as exc:
                 raise UnsupportedByRuntime(
                     f"{what} cannot be shown to be kept on {caps.description} (its NRI drops "
                     f"default_errno): {exc}",
@@ -151,8 +151,8 @@ def translate(
                 ) from exc
             notes.append(
                 f"{what} carried by an explicit {out.default_action} rule over "
-                f"{len(materialised)} syscalls libseccomp {profile.libseccomp_version()} knows "
-                f"for {', '.join(profile.policy_arches(policy))}"
+                f"{len(materialised)} syscalls libseccomp {libseccomp.libseccomp_version()} knows "
+                f"for {', '.join(libseccomp.policy_arches(policy))}"
                 + (
                     f" and by argument-conditional rules for {', '.join(complemented)}"
                     if complemented
@@ -192,10 +192,10 @@ def _strip_errno_ret(
         if not sc.HasField("errno_ret"):
             continue
         index = origin[pos] if origin is not None else pos
-        where = profile.rule_label(index, tuple(sc.names))
+        where = parse.rule_label(index, tuple(sc.names))
         e = sc.errno_ret.value
         sc.ClearField("errno_ret")
-        if sc.action not in profile.ERRNO_ACTIONS:
+        if sc.action not in vocabulary.ERRNO_ACTIONS:
             notes.append(f"{where}: errnoRet {e} dropped: it has no effect with {sc.action}")
         elif e == EPERM:
             omitted += 1
@@ -230,16 +230,16 @@ def _materialise(
     allow_errno_degrade: bool,
     warnings: list[str],
 ) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    default = profile.action_of(original.default_action, d)
+    default = vocabulary.action_of(original.default_action, d)
     # decided from what the original filter does, not from the names the profile
     # lists: rules equal to the default are skipped, a later unconditional rule
     # loses to an earlier one, and libseccomp adds rules of its own (socketcall
     # and ipc on x86), so the names alone would mislead.
     # name → architecture → "all" / "none" / "some" of its calls reach the default
     reach: dict[str, dict[str, str]] = {}
-    for arch in profile.policy_arches(original):
+    for arch in libseccomp.policy_arches(original):
         outcomes: dict[str, set[bool]] = {}
-        for key, act in profile.action_table(original, arch).items():
+        for key, act in bpf.action_table(original, arch).items():
             outcomes.setdefault(key.partition("(")[0], set()).add(act == default)
         for name, seen in outcomes.items():
             kind = "all" if seen == {True} else "none" if seen == {False} else "some"
@@ -289,8 +289,8 @@ def _materialise(
             rule.args.add(index=index, op=op, value=value, value_two=value_two)
     try:
         # the explicit rules make the filter longer: it must still load
-        profile.compile_check(out, unknown_syscalls="warn")
-    except profile.CompileError as exc:
+        libseccomp.compile_check(out, unknown_syscalls="warn")
+    except model.CompileError as exc:
         raise UnsupportedByRuntime(
             f"{what} cannot be kept on {caps.description} by explicit rules (its NRI drops "
             f"default_errno): {exc}",
@@ -313,15 +313,15 @@ def _default_region(
     calls of ``name`` that reach the default action; None if that takes more than
     one 32-bit argument word, differs between architectures, or needs too many rules."""
     found: list[tuple[int, str, int, int]] | None = None
-    for arch in profile.policy_arches(policy):
-        if name not in profile.known_syscalls(arch):
+    for arch in libseccomp.policy_arches(policy):
+        if name not in libseccomp.known_syscalls(arch):
             continue
-        outcomes = profile.syscall_outcomes(policy, arch, name)
+        outcomes = bpf.syscall_outcomes(policy, arch, name)
         offsets = {off for probe in outcomes for off, _ in probe}
         if len(offsets) != 1:
             return None
         (off,) = offsets
-        index, high = profile.word_of(arch, off)
+        index, high = bpf.word_of(arch, off)
         if high:
             return None
         seen = {dict(p).get(off, 0) for p in outcomes}
@@ -334,7 +334,7 @@ def _default_region(
         edges = {a + 1 for a, b in itertools.pairwise(ordered) if b - a > 1}
         edges |= {b - 1 for a, b in itertools.pairwise(ordered) if b - a > 1}
         probes = {v: (((off, v),) if v else ()) for v in points | edges}
-        acts = profile.syscall_outcomes(policy, arch, name, extra=probes.values())
+        acts = bpf.syscall_outcomes(policy, arch, name, extra=probes.values())
         at = {v: acts[p] for v, p in probes.items()}
         hits: list[tuple[int, int]] = []
         for a, b in itertools.pairwise(ordered):
@@ -435,14 +435,14 @@ _Diff = tuple[str, str, _Act, _Act]
 
 
 def _differences(a: nri_pb2.LinuxSeccomp, b: nri_pb2.LinuxSeccomp) -> list[_Diff]:
-    arches_a = profile.policy_arches(a)
-    arches_b = profile.policy_arches(b)
+    arches_a = libseccomp.policy_arches(a)
+    arches_b = libseccomp.policy_arches(b)
     if set(arches_a) != set(arches_b):
         return [(", ".join(arches_a), "(architectures)", None, None)]
     out: list[_Diff] = []
     for arch in arches_a:
-        ta = profile.action_table(a, arch, probe_with=[b])
-        tb = profile.action_table(b, arch, probe_with=[a])
+        ta = bpf.action_table(a, arch, probe_with=[b])
+        tb = bpf.action_table(b, arch, probe_with=[a])
         for key in sorted(ta.keys() | tb.keys()):
             va, vb = ta.get(key), tb.get(key)
             if va != vb:
@@ -456,10 +456,10 @@ def differences(a: nri_pb2.LinuxSeccomp, b: nri_pb2.LinuxSeccomp) -> list[str]:
     Entries read ``SCMP_ARCH_X86 personality(a0=0x1): SCMP_ACT_ERRNO(38) → SCMP_ACT_ERRNO(1)``;
     an empty list means the same action for every syscall libseccomp knows.
     """
-    if set(profile.policy_arches(a)) != set(profile.policy_arches(b)):
+    if set(libseccomp.policy_arches(a)) != set(libseccomp.policy_arches(b)):
         return [
-            f"architectures differ: {', '.join(profile.policy_arches(a))} → "
-            f"{', '.join(profile.policy_arches(b))}"
+            f"architectures differ: {', '.join(libseccomp.policy_arches(a))} → "
+            f"{', '.join(libseccomp.policy_arches(b))}"
         ]
     return [_fmt_diff(d) for d in _differences(a, b)]
 

@@ -45,10 +45,26 @@ import pebble
 from nri_seccomp.decide import runtimes
 from nri_seccomp.errors import NriSeccompError
 from nri_seccomp.nri.pb import nri_pb2
-from nri_seccomp.seccomp import compat, profile
+from nri_seccomp.seccomp import bpf, compat, libseccomp, model, prepare
 
-#: the modules a worker needs, imported once in the fork server
-PRELOAD = [f"nri_seccomp.seccomp.{m}" for m in ("worker", "profile", "compat")]
+#: the modules a worker needs, imported once in the fork server: the stages of
+#: ``prepare`` (libseccomp's handle and syscall tables among them) and ``compat``
+PRELOAD = [
+    f"nri_seccomp.seccomp.{m}"
+    for m in (
+        "worker",
+        "vocabulary",
+        "model",
+        "parse",
+        "select",
+        "normalise",
+        "nri",
+        "libseccomp",
+        "bpf",
+        "prepare",
+        "compat",
+    )
+]
 NICE = 10
 
 
@@ -94,10 +110,10 @@ class Translated:
 
 
 def prepare_inline(
-    data: bytes, node: profile.NodeContext, unknown_syscalls: str
+    data: bytes, node: model.NodeContext, unknown_syscalls: str
 ) -> PreparedProfile:
-    """parse → … → compile_check in this process (no budget); see :func:`profile.prepare`."""
-    prepared = profile.prepare(data, node, unknown_syscalls=unknown_syscalls)
+    """parse → … → compile_check in this process (no budget); see :func:`prepare.prepare`."""
+    prepared = prepare.prepare(data, node, unknown_syscalls=unknown_syscalls)
     return PreparedProfile(
         prepared.policy.SerializeToString(deterministic=True),
         prepared.profile.rule_indexes,
@@ -121,15 +137,15 @@ def translate_inline(
     return Translated(t.policy.SerializeToString(deterministic=True), t.warnings)
 
 
-_PROFILE_ERRORS: dict[str, type[profile.ProfileError]] = {
+_PROFILE_ERRORS: dict[str, type[model.ProfileError]] = {
     c.__name__: c
     for c in (
-        profile.ProfileError,
-        profile.ProfileSyntaxError,
-        profile.ProfileFieldError,
-        profile.CompileError,
-        profile.UnknownSyscallError,
-        profile.AnalysisTooCostly,
+        model.ProfileError,
+        model.ProfileSyntaxError,
+        model.ProfileFieldError,
+        model.CompileError,
+        model.UnknownSyscallError,
+        bpf.AnalysisTooCostly,
     )
 }
 
@@ -139,7 +155,7 @@ _Tagged = tuple[Any, ...]
 
 
 def _tag(exc: BaseException) -> _Tagged:
-    if isinstance(exc, profile.ProfileError) and type(exc).__name__ in _PROFILE_ERRORS:
+    if isinstance(exc, model.ProfileError) and type(exc).__name__ in _PROFILE_ERRORS:
         attrs = {
             "field": exc.field,
             "rule_index": exc.rule_index,
@@ -200,7 +216,7 @@ def _limited(cpu_seconds: float, fn: Callable[..., Any], *args: Any) -> tuple[_T
 
 
 def _prepare_job(
-    data: bytes, node: profile.NodeContext, unknown_syscalls: str, cpu_seconds: float
+    data: bytes, node: model.NodeContext, unknown_syscalls: str, cpu_seconds: float
 ) -> tuple[_Tagged, float]:
     return _limited(cpu_seconds, prepare_inline, data, node, unknown_syscalls)
 
@@ -224,7 +240,7 @@ def _init_worker() -> None:
 
 
 def _warm() -> None:
-    profile.known_syscalls(profile.native_arch())
+    libseccomp.known_syscalls(libseccomp.native_arch())
 
 
 # ---------------------------------------------------------------------------
@@ -235,7 +251,7 @@ _CPU_SIGNALS = (signal.SIGXCPU, signal.SIGPROF)
 
 
 class SeccompWorkers:
-    """A warm pool of worker processes for :func:`profile.prepare` and :func:`compat.translate`."""
+    """A warm pool of worker processes for :func:`prepare.prepare` and :func:`compat.translate`."""
 
     def __init__(self, budget: Budget) -> None:
         self.budget = budget
@@ -250,7 +266,7 @@ class SeccompWorkers:
         self._pool.schedule(_warm)
 
     async def prepare(
-        self, data: bytes, node: profile.NodeContext, unknown_syscalls: str
+        self, data: bytes, node: model.NodeContext, unknown_syscalls: str
     ) -> PreparedProfile:
         """:func:`prepare_inline` in a worker, within the budget."""
         result: PreparedProfile = await self._run(

@@ -41,7 +41,7 @@ from nri_seccomp.errors import NriSeccompError
 from nri_seccomp.memo import BoundedMap, Busy, KeyedLimiter, SingleFlight
 from nri_seccomp.nri.pb import nri_pb2
 from nri_seccomp.registry import artifacts
-from nri_seccomp.seccomp import profile
+from nri_seccomp.seccomp import model
 from nri_seccomp.seccomp.worker import CompileBudgetExceeded, PreparedProfile, prepare_inline
 from nri_seccomp.storage import cache
 
@@ -51,7 +51,7 @@ T = TypeVar("T")
 
 
 #: what a compiler raises for a layer that must be refused (and remembered as refused)
-REFUSING_ERRORS: tuple[type[Exception], ...] = (profile.ProfileError, CompileBudgetExceeded)
+REFUSING_ERRORS: tuple[type[Exception], ...] = (model.ProfileError, CompileBudgetExceeded)
 
 
 class NotReady(NriSeccompError):
@@ -119,7 +119,7 @@ class Compiler(Protocol):
     """
 
     async def prepare(
-        self, data: bytes, node: profile.NodeContext, unknown_syscalls: str
+        self, data: bytes, node: model.NodeContext, unknown_syscalls: str
     ) -> PreparedProfile: ...
 
 
@@ -163,7 +163,7 @@ class ProfileStore:
         disk_executor: Executor | None,
         compiler: Compiler,
         settings: StoreSettings,
-        node: profile.NodeContext,
+        node: model.NodeContext,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._fetcher = fetcher
@@ -424,7 +424,7 @@ class InlineCompiler:
         self._executor = executor
 
     async def prepare(
-        self, data: bytes, node: profile.NodeContext, unknown_syscalls: str
+        self, data: bytes, node: model.NodeContext, unknown_syscalls: str
     ) -> PreparedProfile:
         return await asyncio.get_running_loop().run_in_executor(
             self._executor, prepare_inline, data, node, unknown_syscalls)
