@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from devtools.registry import LocalRegistry
-from tests.profiles import SYSTEM_PROFILE, fetch_debian_profile
+from tests.profiles import SYSTEM_PROFILE
 
 #: (user, password) every authenticated test registry knows
 REGISTRY_USER = ("alice", "s3cret")
@@ -37,7 +37,7 @@ def token_registry() -> Iterator[LocalRegistry]:
 
 @pytest.fixture(scope="session")
 def debian_profile(tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    """Debian's default profile: the installed one, else from the package archive."""
-    if SYSTEM_PROFILE.exists():
-        return SYSTEM_PROFILE.read_bytes()
-    return fetch_debian_profile(tmp_path_factory.mktemp("containers-common"))
+    """Debian's default profile, from the golang-github-containers-common package."""
+    assert SYSTEM_PROFILE.exists(), (
+        f"{SYSTEM_PROFILE} is missing: install golang-github-containers-common (make deps)")
+    return SYSTEM_PROFILE.read_bytes()

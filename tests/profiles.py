@@ -1,13 +1,12 @@
 """Profiles the seccomp tests share: Debian's default, the CRI-O blog's, and builders.
 
 Debian's default profile comes from the golang-github-containers-common package,
-downloaded at run time if absent (the ``debian_profile`` fixture, in conftest).
+which the setup step installs (``make deps``); no test downloads anything.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -16,20 +15,6 @@ from nri_seccomp.seccomp import model, nri, parse, select
 
 SYSTEM_PROFILE = Path("/usr/share/containers/seccomp.json")
 AMD64 = model.NodeContext(arch="amd64", kernel=(6, 1))
-
-
-def fetch_debian_profile(dest: Path) -> bytes:
-    """Debian's containers-common default profile, from the package archive."""
-    subprocess.run(
-        ["apt-get", "download", "golang-github-containers-common"],
-        cwd=dest,
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
-    (deb,) = dest.glob("golang-github-containers-common_*.deb")
-    subprocess.run(["dpkg-deb", "-x", str(deb), str(dest / "root")], check=True, timeout=60)
-    return (dest / "root" / SYSTEM_PROFILE.relative_to("/")).read_bytes()
 
 
 #: the CRI-O blog's profile shape: ENOSYS by default, an allow-list, archMap for x86_64

@@ -9,9 +9,7 @@ architecture, at every argument value either filter distinguishes.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -324,14 +322,3 @@ def test_a_conditional_only_syscall_on_one_32_bit_argument_is_complemented() -> 
         ("SCMP_CMP_GE", 109, 0),
     ]
     assert C.differences(original, C.effective_policy(t.policy, CONTAINERD_230)) == []
-
-
-def test_translation_time(profiles: dict[str, nri_pb2.LinuxSeccomp]) -> None:
-    for name in ("crio-blog", "debian"):
-        bpf.clear_caches()
-        started = time.perf_counter()
-        with contextlib.suppress(C.UnsupportedByRuntime):
-            C.translate(profiles[name], CONTAINERD_230)
-        elapsed = time.perf_counter() - started
-        print(f"translate {name} for 2.3.0: {elapsed * 1000:.0f} ms")
-        assert elapsed < 2.0

@@ -4,7 +4,6 @@ refuses or skips, the filter's length, and the syscall tables it knows.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +19,6 @@ from tests.profiles import (
     policy_of,
     rules,
 )
-
-
-def test_debian_profile_compiles_fast(debian_profile: bytes) -> None:
-    policy = policy_of(debian_profile)
-    libseccomp.compile_check(policy)
-    best = min(libseccomp.compile_check(policy).seconds for _ in range(5))
-    print(f"Debian default profile, 3 architectures: compiled in {best * 1000:.1f} ms")
-    assert best < 0.1
 
 
 def test_unknown_syscalls_mode_is_checked() -> None:
@@ -149,16 +140,15 @@ def test_a_filter_too_long_for_the_kernel_is_refused() -> None:
 
 
 def test_a_filter_certainly_too_long_is_refused_before_libseccomp() -> None:
-    # libseccomp takes seconds on such input: the bound answers at once
+    # libseccomp takes seconds on such input; this message comes from the pre-check,
+    # which runs before libseccomp is called
     policy = policy_of(base(architectures=list(X86_ARCHES), syscalls=[
         allow(name, args=[{"index": a, "value": i + 1, "op": "SCMP_CMP_EQ"} for a in range(3)])
         for i, name in enumerate(libseccomp.known_syscalls("SCMP_ARCH_X86_64"))
     ]))
-    started = time.perf_counter()
     with pytest.raises(model.CompileError,
                        match=r"would have at least .* the kernel accepts at most"):
         libseccomp.compile_check(policy)
-    assert time.perf_counter() - started < 0.5
 
 
 def test_compile_check_never_loads_the_filter() -> None:

@@ -4,8 +4,6 @@ on Debian's and the CRI-O blog's profiles, with messages pointing into the profi
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from nri_seccomp.seccomp import bpf, libseccomp, model, parse, prepare
@@ -13,11 +11,9 @@ from tests.profiles import (
     AMD64,
     CRIO_BLOG,
     FILLER,
-    SYSTEM_PROFILE,
     X86_ARCHES,
     allow,
     dumps,
-    fetch_debian_profile,
     policy_of,
     rules,
 )
@@ -93,11 +89,3 @@ def test_unknown_syscall_can_be_skipped_with_a_warning() -> None:
     assert any("unknown syscall 'opne'" in w and "skipped" in w for w in prepared.report.warnings)
     table = bpf.action_table(prepared.policy, "SCMP_ARCH_X86_64")
     assert table["open"] == ("SCMP_ACT_ERRNO", 1)
-
-
-def test_the_profile_can_be_fetched_from_the_package_archive(tmp_path: Path) -> None:
-    # the fixture's fallback when containers-common is not installed
-    data = fetch_debian_profile(tmp_path)
-    assert parse.parse(data).default_errno_ret == 38
-    if SYSTEM_PROFILE.exists():
-        assert data == SYSTEM_PROFILE.read_bytes()
