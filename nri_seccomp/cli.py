@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from nri_seccomp.bounded import BoundedFormatter
+from nri_seccomp.lazy import LazySeccompPlugin
 from nri_seccomp.nri import stub
 
 
@@ -42,9 +43,8 @@ def main(
     handler.setFormatter(BoundedFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), handlers=[handler])
     if plugin_factory is None:
-        from nri_seccomp.service.plugin import SeccompPlugin
-
-        plugin: object = SeccompPlugin(config_path=args.config)
+        # registers at once; the seccomp plugin itself is imported at the first Configure
+        plugin: object = LazySeccompPlugin(config_path=args.config)
     else:
         plugin = plugin_factory(args)
     socket_path = args.socket or (stub.DEFAULT_SOCKET_PATH if args.external else None)

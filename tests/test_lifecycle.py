@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
@@ -152,3 +153,15 @@ def test_external_seccomp_plugin_reads_its_config_file(tmp_path: Path) -> None:
 
     message = run(scenario())
     assert f"{config}: unknown configuration key 'registry.timout'" in message
+
+
+def test_registration_needs_only_the_transport() -> None:
+    """The entry point imports what registering takes; the registry client, libseccomp,
+    the profile code and the worker pool come with the first Configure (nri_seccomp.lazy)."""
+    code = ("import sys, nri_seccomp.cli; "
+            "print(' '.join(m for m in ('httpx', 'pyseccomp', 'pebble', 'yaml', "
+            "'nri_seccomp.service.plugin', 'nri_seccomp.seccomp.libseccomp') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == ""
