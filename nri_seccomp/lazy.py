@@ -54,7 +54,7 @@ class LazySeccompPlugin:
 
     async def create_container(
         self, pod: nri_pb2.PodSandbox, container: nri_pb2.Container, deadline: float
-    ) -> nri_pb2.ContainerAdjustment | None:
+    ) -> nri_pb2.ContainerAdjustment | bytes | None:
         real = self._real if self._real is not None else await self._plugin()
         return await real.create_container(pod, container, deadline)
 

@@ -102,8 +102,8 @@ def test_outcomes(name: str, pod_ann: dict[str, str], image_ann: dict[str, str],
     plugin = handler(caps, reg)
 
     async def go() -> nri_pb2.ContainerAdjustment | None:
-        return await plugin.create_container(pod(pod_ann), ctr(profile),
-                                             time.monotonic() + 2.0)
+        raw = await plugin.create_container(pod(pod_ann), ctr(profile), time.monotonic() + 2.0)
+        return None if raw is None else nri_pb2.ContainerAdjustment.FromString(raw)
 
     if isinstance(expect, Kind):
         with pytest.raises(Refusal) as info:
@@ -132,7 +132,7 @@ def test_not_ready_within_answer_wait_is_retry_and_the_work_goes_on() -> None:
     reg.gate = None
     plugin = handler(C23, reg, config.Config(answer_wait=0.05))
 
-    async def go() -> tuple[Kind, nri_pb2.ContainerAdjustment | None]:
+    async def go() -> tuple[Kind, bytes | None]:
         reg.gate = asyncio.Event()
         with pytest.raises(Refusal) as info:
             await plugin.create_container(pod({f"{KEY_V1}/POD": REF}), ctr(),

@@ -225,3 +225,17 @@ def test_demuxer_garbage_never_crashes(data: bytes) -> None:
             assert conn != 0 and len(payload) <= 1024
     except mux.MuxError:
         pass
+
+
+@pytest.mark.parametrize("size", [0, 1, 127, 128, 300, 16383, 16384, 70000, 2_000_000])
+def test_a_serialised_adjustment_is_framed_as_protobuf_would(size: int) -> None:
+    """The stub sends a cached, serialised ContainerAdjustment as CreateContainerResponse
+    field 1 by hand: the bytes must equal what protobuf itself writes."""
+    from nri_seccomp.nri.stub import varint
+
+    adjust = nri_pb2.ContainerAdjustment()
+    if size:
+        adjust.annotations["k"] = "v" * size
+    raw = adjust.SerializeToString()
+    by_hand = b"\x0a" + varint(len(raw)) + raw
+    assert by_hand == nri_pb2.CreateContainerResponse(adjust=adjust).SerializeToString()

@@ -113,6 +113,10 @@ def check_value(key: str, value: str) -> None:
         raise AnnotationError(
             key, f"is {len(value)} characters long (at most {MAX_VALUE})", value
         )
+    # every space and control character is non-printable but the ASCII space: the
+    # common case is answered without a loop over the characters
+    if value.isprintable() and " " not in value:
+        return
     for i, ch in enumerate(value):
         if ch.isspace() or not ch.isprintable():
             raise AnnotationError(

@@ -69,9 +69,10 @@ REFUSAL_CODES: Mapping[Kind, ttrpc.Code] = {
 class CreateContainerHandler(Protocol):
     async def create_container(
         self, pod: nri_pb2.PodSandbox, container: nri_pb2.Container, deadline: float
-    ) -> nri_pb2.ContainerAdjustment | None:
-        """The adjustment for a new container (None: no change); ``deadline`` is the
-        runtime's, as a ``time.monotonic()`` value. Raises Refusal to fail the creation."""
+    ) -> nri_pb2.ContainerAdjustment | bytes | None:
+        """The adjustment for a new container (None: no change), as a message or already
+        serialised; ``deadline`` is the runtime's, as a ``time.monotonic()`` value.
+        Raises Refusal to fail the creation."""
         ...
 
 
@@ -380,10 +381,13 @@ class Stub:
                     deadline = min(deadline, call.deadline)
                 with _refusals_as_status():
                     adjust = await handler(req.pod, req.container, deadline)
-                resp = nri_pb2.CreateContainerResponse()
-                if adjust is not None:
-                    resp.adjust.CopyFrom(adjust)
-                return resp.SerializeToString()
+                if adjust is None:
+                    return b""
+                if isinstance(adjust, bytes):
+                    # CreateContainerResponse { ContainerAdjustment adjust = 1; }: the
+                    # field's tag and length before the serialised adjustment
+                    return b"\x0a" + varint(len(adjust)) + adjust
+                return nri_pb2.CreateContainerResponse(adjust=adjust).SerializeToString()
 
             return create
 
@@ -399,6 +403,16 @@ class Stub:
         if not callable(fn):
             return None
         return await fn(*args)
+
+
+def varint(n: int) -> bytes:
+    """A protobuf base-128 varint."""
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
 
 
 @contextlib.contextmanager

@@ -152,7 +152,7 @@ class SeccompPlugin:
 
     async def create_container(
         self, pod: nri_pb2.PodSandbox, container: nri_pb2.Container, deadline: float
-    ) -> nri_pb2.ContainerAdjustment | None:
+    ) -> bytes | None:
         """The seccomp adjustment for a new container, or None when it keeps its own.
 
         ``deadline`` is the runtime's (monotonic); the answer leaves
@@ -161,21 +161,20 @@ class SeccompPlugin:
         """
         wait_until = min(deadline - self.config.deadline_margin,
                          time.monotonic() + self.config.answer_wait)
+        found: list[str] = []
         try:
-            seccomp = await self._seccomp_for(pod, container, wait_until)
+            answer = await self._seccomp_for(pod, container, wait_until, found)
         except Refusal as exc:
-            log.error("refusing container %s/%s/%s: %s",
+            # one line per decision: CRI-O's "Found …" line, then what became of it
+            log.error("%srefusing container %s/%s/%s: %s", "".join(f"{f}; " for f in found),
                       pod.namespace, pod.name, container.name, exc)
             raise
-        if seccomp is None:
-            return None
-        adjust = nri_pb2.ContainerAdjustment()
-        adjust.linux.seccomp_policy.CopyFrom(seccomp)
-        return adjust
+        return None if answer is None else answer.adjustment
 
     async def _seccomp_for(
-        self, pod: nri_pb2.PodSandbox, container: nri_pb2.Container, deadline: float
-    ) -> nri_pb2.LinuxSeccomp | None:
+        self, pod: nri_pb2.PodSandbox, container: nri_pb2.Container, deadline: float,
+        found: list[str],
+    ) -> Answer | None:
         decision = policy.eligibility(
             container.linux if container.HasField("linux") else None,
             self.caps,
@@ -194,14 +193,15 @@ class SeccompPlugin:
             raise Refusal(Kind.INVALID, str(exc)) from exc
         if match is None:
             return None
-        log.info("%s", match.log_line)
         if not match.reference:
+            log.info("%s", match.log_line)
             return None
+        found.append(match.log_line)
         if decision.refuse:
             raise Refusal(Kind.UNUSABLE, decision.reason)
         if not decision.eligible:
-            log.info("not applying %s to container %s: %s",
-                     match.reference, container.name, decision.reason)
+            log.info("%s; not applying %s to container %s: %s",
+                     match.log_line, match.reference, container.name, decision.reason)
             return None
         try:
             ref = reference.parse(match.reference)
@@ -221,16 +221,15 @@ class SeccompPlugin:
             ) from exc
         except ProfileRejected as exc:
             raise Refusal(Kind.UNUSABLE, f"{ref}: {exc}") from exc
-        refusal = policy.profile_refusal(ready.compiled.policy, self.config.allow_listener)
-        if refusal is not None:
-            raise Refusal(Kind.FORBIDDEN, f"{ref}: {refusal}")
         translation = await self._translate(ref, ready.compiled, deadline)
+        if translation.refusal is not None:
+            raise Refusal(Kind.FORBIDDEN, f"{ref}: {translation.refusal}")
         for warning in translation.warnings:
             log.warning("container %s/%s: %s", pod.name, container.name, warning)
-        log.info("applying seccomp profile %s (%s, %s) to container %s/%s/%s",
-                 ref, ready.compiled.digest, ready.source, pod.namespace, pod.name,
-                 container.name)
-        return translation.policy
+        log.info("%s; applying seccomp profile %s (%s, %s) to container %s/%s/%s",
+                 match.log_line, ref, ready.compiled.digest, ready.source, pod.namespace,
+                 pod.name, container.name)
+        return translation
 
     async def _image_annotations(
         self, container: nri_pb2.Container, deadline: float
@@ -297,7 +296,8 @@ class SeccompPlugin:
             self.config.allow_errno_degrade,
         )
         # parsed once here, not on every request that uses it
-        return Answer(done.message(), done.warnings)
+        return Answer.of(done.message(), done.warnings,
+                         policy.profile_refusal(compiled.policy, self.config.allow_listener))
 
     def _resize(
         self, key: tuple[str, runtimes.RuntimeCaps, bool], fut: asyncio.Future[Answer]
@@ -308,10 +308,21 @@ class SeccompPlugin:
 
 @dataclasses.dataclass(frozen=True)
 class Answer:
-    """A profile as one runtime can carry it: the linux.seccomp to send, and its warnings."""
+    """A profile as one runtime can carry it: the linux.seccomp to send, its warnings, and
+    the ContainerAdjustment carrying it, serialised once for every container that uses it."""
 
     policy: nri_pb2.LinuxSeccomp
     warnings: tuple[str, ...]
+    adjustment: bytes
+    #: why a pod author may not choose this profile (a listener socket), if so
+    refusal: str | None = None
+
+    @classmethod
+    def of(cls, seccomp: nri_pb2.LinuxSeccomp, warnings: tuple[str, ...],
+           refusal: str | None = None) -> Answer:
+        adjust = nri_pb2.ContainerAdjustment()
+        adjust.linux.seccomp_policy.CopyFrom(seccomp)
+        return cls(seccomp, warnings, adjust.SerializeToString(), refusal)
 
 
 def _translation_bytes(fut: asyncio.Future[Answer]) -> int:
