@@ -19,8 +19,8 @@ import pytest
 from devtools.badregistry import BadRegistry
 from devtools.registry import LocalRegistry, digest_of, docker_config
 from nri_seccomp.decide.reference import Reference, parse
-from nri_seccomp.registry import artifacts
-from nri_seccomp.registry.artifacts import ArtifactFetcher, FetchSettings
+from nri_seccomp.registry import artifact, errors, netguard
+from nri_seccomp.registry.client import ArtifactFetcher, FetchSettings
 
 from .conftest import REGISTRY_USER
 
@@ -57,7 +57,7 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 
 
 def fetch(f: ArtifactFetcher, ref: Reference, deadline: float | None = None,
-          have: Callable[[str], Awaitable[bytes | None]] | None = None) -> artifacts.Artifact:
+          have: Callable[[str], Awaitable[bytes | None]] | None = None) -> artifact.Artifact:
     return run(f.fetch(ref, deadline if deadline is not None else time.monotonic() + 30, have))
 
 
@@ -81,7 +81,7 @@ def test_crio_blog_shape_is_accepted(registry: LocalRegistry,
     digest = registry.push_profile("crio/blog", "v1", PROFILE)
     # an independent client reads what push_profile pushed: the CRI-O blog's shape
     manifest = skopeo_raw(registry.address, "crio/blog", "v1")
-    assert manifest["config"] == {"mediaType": artifacts.SECCOMP_CONFIG_MEDIA_TYPE,
+    assert manifest["config"] == {"mediaType": artifact.SECCOMP_CONFIG_MEDIA_TYPE,
                                   "digest": CRIO_CONFIG_DIGEST, "size": 3}
     assert digest_of(b"{}\n") == CRIO_CONFIG_DIGEST
     assert manifest["layers"] == [{
@@ -89,10 +89,10 @@ def test_crio_blog_shape_is_accepted(registry: LocalRegistry,
         "size": len(PROFILE), "annotations": {"org.opencontainers.image.title": "seccomp.json"}}]
 
     ref = f"{registry.address}/crio/blog:v1"
-    with caplog.at_level(logging.INFO, logger="nri_seccomp.registry.artifacts"):
+    with caplog.at_level(logging.INFO, logger="nri_seccomp.registry.client"):
         art = fetch(fetcher(registry.address), parse(ref))
-    assert art == artifacts.Artifact(ref, digest, digest_of(PROFILE), PROFILE,
-                                     artifacts.SECCOMP_CONFIG_MEDIA_TYPE, len(PROFILE))
+    assert art == artifact.Artifact(ref, digest, digest_of(PROFILE), PROFILE,
+                                     artifact.SECCOMP_CONFIG_MEDIA_TYPE, len(PROFILE))
     assert f"Pulling OCI artifact from ref: {ref}" in caplog.messages
     assert f"Retrieved OCI artifact seccomp profile of len: {len(PROFILE)}" in caplog.messages
 
@@ -105,13 +105,13 @@ def test_crio_blog_shape_is_accepted(registry: LocalRegistry,
 def test_oras_pushed_artifact_reads_back(registry: LocalRegistry) -> None:
     digest = registry.push_with_oras("oras/pushed", "v1", PROFILE)
     manifest = skopeo_raw(registry.address, "oras/pushed", "v1")
-    assert manifest["config"]["mediaType"] == artifacts.SECCOMP_CONFIG_MEDIA_TYPE
+    assert manifest["config"]["mediaType"] == artifact.SECCOMP_CONFIG_MEDIA_TYPE
     assert manifest["layers"][0]["annotations"]["org.opencontainers.image.title"] == (
         "seccomp.json")
     art = fetch(fetcher(registry.address), parse(f"{registry.address}/oras/pushed:v1"))
     assert art.data == PROFILE
     assert art.manifest_digest == digest
-    assert art.media_type_config == artifacts.SECCOMP_CONFIG_MEDIA_TYPE
+    assert art.media_type_config == artifact.SECCOMP_CONFIG_MEDIA_TYPE
 
 
 def test_manifest_without_media_type_field(registry: LocalRegistry) -> None:
@@ -133,7 +133,7 @@ def test_wrong_config_media_type_refused(registry: LocalRegistry, media_type: st
                                          hint: str) -> None:
     repo = "wrong/" + media_type.split(".")[-2].split("/")[0]
     registry.push_profile(repo, "t", PROFILE, config_media_type=media_type)
-    with pytest.raises(artifacts.InvalidArtifact) as info:
+    with pytest.raises(errors.InvalidArtifact) as info:
         fetch(fetcher(registry.address), parse(f"{registry.address}/{repo}:t"))
     assert (f"config media type is {media_type!r}, expected "
             "'application/vnd.cncf.seccomp-profile.config.v1+json'") in str(info.value)
@@ -144,15 +144,15 @@ def test_wrong_config_media_type_refused(registry: LocalRegistry, media_type: st
 def test_oras_default_config_is_refused(registry: LocalRegistry) -> None:
     # what oras-py pushes when the config media type is not given as path:mediatype
     registry.push_with_oras("oras/unknown", "v1", PROFILE,
-                            config_media_type=artifacts.UNKNOWN_CONFIG_MEDIA_TYPE)
-    with pytest.raises(artifacts.InvalidArtifact, match="pushed without a config media type"):
+                            config_media_type=artifact.UNKNOWN_CONFIG_MEDIA_TYPE)
+    with pytest.raises(errors.InvalidArtifact, match="pushed without a config media type"):
         fetch(fetcher(registry.address), parse(f"{registry.address}/oras/unknown:v1"))
 
 
 def test_over_one_mib_refused_before_download(registry: LocalRegistry) -> None:
     big = b"[" + b" " * (1024 * 1024) + b"]"
     registry.push_profile("too/big", "t", big)
-    with pytest.raises(artifacts.InvalidArtifact) as info:
+    with pytest.raises(errors.InvalidArtifact) as info:
         fetch(fetcher(registry.address), parse(f"{registry.address}/too/big:t"))
     assert "exceeded maximum allowed artifact size of 1048576 bytes" in str(info.value)
     assert f"is {len(big)} bytes" in str(info.value)
@@ -163,7 +163,7 @@ def test_over_one_mib_refused_before_download(registry: LocalRegistry) -> None:
 def test_configured_max_size(registry: LocalRegistry) -> None:
     registry.push_profile("max/size", "t", PROFILE)
     small = fetcher(registry.address, max_size=len(PROFILE) - 1)
-    with pytest.raises(artifacts.InvalidArtifact,
+    with pytest.raises(errors.InvalidArtifact,
                        match=f"exceeded maximum allowed artifact size of {len(PROFILE) - 1} "):
         fetch(small, parse(f"{registry.address}/max/size:t"))
     assert fetch(fetcher(registry.address, max_size=len(PROFILE)),
@@ -173,37 +173,37 @@ def test_configured_max_size(registry: LocalRegistry) -> None:
 def test_descriptor_sizes_that_lie(registry: LocalRegistry) -> None:
     # distribution stores a manifest whatever sizes its descriptors claim
     registry.push_profile("lie/small", "t", PROFILE, layer_size=3)
-    with pytest.raises(artifacts.InvalidArtifact) as info:
+    with pytest.raises(errors.InvalidArtifact) as info:
         fetch(fetcher(registry.address), parse(f"{registry.address}/lie/small:t"))
     assert f"layer is {len(PROFILE)} bytes (Content-Length), more than its advertised size " \
            "of 3 bytes" in str(info.value)
     registry.push_profile("lie/big", "t", PROFILE, layer_size=500)
-    with pytest.raises(artifacts.InvalidArtifact,
+    with pytest.raises(errors.InvalidArtifact,
                        match=f"layer is {len(PROFILE)} bytes, the descriptor says 500"):
         fetch(fetcher(registry.address), parse(f"{registry.address}/lie/big:t"))
     registry.push_profile("lie/zero", "t", PROFILE, layer_size=0)
-    with pytest.raises(artifacts.InvalidArtifact, match="artifact data is empty"):
+    with pytest.raises(errors.InvalidArtifact, match="artifact data is empty"):
         fetch(fetcher(registry.address), parse(f"{registry.address}/lie/zero:t"))
     assert registry.count("blobs", "lie/zero") == 0
 
 
 def test_empty_layer_refused(registry: LocalRegistry) -> None:
     registry.push_profile("empty/layer", "t", b"")
-    with pytest.raises(artifacts.InvalidArtifact, match="artifact data is empty"):
+    with pytest.raises(errors.InvalidArtifact, match="artifact data is empty"):
         fetch(fetcher(registry.address), parse(f"{registry.address}/empty/layer:t"))
 
 
 def test_no_layers_and_index_refused(registry: LocalRegistry) -> None:
     registry.push_profile("shape/x", "nolayers", PROFILE, layers=0)
-    with pytest.raises(artifacts.InvalidArtifact, match="artifact has no layers"):
+    with pytest.raises(errors.InvalidArtifact, match="artifact has no layers"):
         fetch(fetcher(registry.address), parse(f"{registry.address}/shape/x:nolayers"))
     child = registry.push_profile("shape/x", "child", PROFILE)
     size = registry.manifest_size("shape/x", "child")
     index = registry.push_index("shape/x", "index", [(child, size, "linux/amd64")])
     for selector in (":index", f"@{index}"):
-        with pytest.raises(artifacts.InvalidArtifact) as info:
+        with pytest.raises(errors.InvalidArtifact) as info:
             fetch(fetcher(registry.address), parse(f"{registry.address}/shape/x{selector}"))
-        assert f"is an image index ({artifacts.OCI_INDEX})" in str(info.value)
+        assert f"is an image index ({artifact.OCI_INDEX})" in str(info.value)
         assert "no platform is picked" in str(info.value)
 
 
@@ -211,7 +211,7 @@ def test_pinned_digest_not_in_registry(registry: LocalRegistry) -> None:
     registry.push_profile("pin/me", "t", PROFILE)
     other = "sha256:" + "1" * 64
     # the registry has no such manifest: NotFound, never some other content
-    with pytest.raises(artifacts.NotFound):
+    with pytest.raises(errors.NotFound):
         fetch(fetcher(registry.address), parse(f"{registry.address}/pin/me:t@{other}"))
 
 
@@ -219,7 +219,7 @@ def test_manifest_not_matching_pinned_digest_is_refused() -> None:
     # a real registry verifies what it serves; a hostile or broken one may not
     with BadRegistry("ok") as bad:
         pinned = "sha256:" + "2" * 64
-        with pytest.raises(artifacts.InvalidArtifact) as info:
+        with pytest.raises(errors.InvalidArtifact) as info:
             fetch(fetcher(bad.address), parse(f"{bad.address}/x/y@{pinned}"))
         assert ("manifest digest mismatch: the content does not match the reference's digest"
                 in str(info.value))
@@ -230,12 +230,12 @@ def test_manifest_not_matching_pinned_digest_is_refused() -> None:
         real512 = "sha512:" + hashlib.sha512(bad.manifest).hexdigest()
         art = fetch(fetcher(bad.address), parse(f"{bad.address}/x/y@{real512}"))
         assert art.manifest_digest == real512 and art.data == bad.profile
-        with pytest.raises(artifacts.InvalidArtifact, match="manifest digest mismatch"):
+        with pytest.raises(errors.InvalidArtifact, match="manifest digest mismatch"):
             fetch(fetcher(bad.address), parse(f"{bad.address}/x/y@sha512:{'3' * 128}"))
 
 
 def test_missing_tag_not_found(registry: LocalRegistry) -> None:
-    with pytest.raises(artifacts.NotFound) as info:
+    with pytest.raises(errors.NotFound) as info:
         fetch(fetcher(registry.address), parse(f"{registry.address}/nope/nope:wrong"))
     exc = info.value
     assert str(exc).startswith(f"{registry.address}/nope/nope:wrong: not found: HTTP 404 from "
@@ -251,7 +251,7 @@ def test_stopped_registry_fails_fast() -> None:
         reg.push_profile("a/b", "t", PROFILE)
         address = reg.address
     t0 = time.monotonic()
-    with pytest.raises(artifacts.RegistryUnavailable) as info:
+    with pytest.raises(errors.RegistryUnavailable) as info:
         fetch(fetcher(address), parse(f"{address}/a/b:t"))
     assert time.monotonic() - t0 < 0.5, "no retries, no sleeps"
     assert str(info.value) == f"{address}/a/b:t: cannot connect to registry {address}"
@@ -265,11 +265,11 @@ def test_allow_list_refuses_before_any_request(registry: LocalRegistry) -> None:
     before = registry.requests_seen(r"[A-Z]+ /v2/")
     f = fetcher(registry.address, allowed=("ghcr.io/acme/*",))
     for call in (fetch, head):
-        with pytest.raises(artifacts.PolicyError) as info:
+        with pytest.raises(errors.PolicyError) as info:
             call(f, parse(f"{registry.address}/crio/allowed:v1"))
         assert (f"repository {registry.address}/crio/allowed is not in the allowed registries "
                 "(ghcr.io/acme/*)") in str(info.value)
-    with pytest.raises(artifacts.PolicyError, match=r"a digest reference \(@sha256:…\) is "
+    with pytest.raises(errors.PolicyError, match=r"a digest reference \(@sha256:…\) is "
                        r"required by the configuration \(registry.require_digest\)"):
         fetch(fetcher(registry.address, require_digest=True),
             parse(f"{registry.address}/crio/allowed:v1"))
@@ -286,7 +286,7 @@ def test_basic_auth_with_docker_config(htpasswd_registry: LocalRegistry, tmp_pat
     reg = htpasswd_registry
     reg.push_profile("private/prof", "v1", PROFILE)
     ref = parse(f"{reg.address}/private/prof:v1")
-    with pytest.raises(artifacts.Unauthorized) as info:
+    with pytest.raises(errors.Unauthorized) as info:
         fetch(fetcher(reg.address), ref)
     assert f"registry {reg.address} requires authentication and no credentials are " \
            "configured for it (registry.docker_config)" in str(info.value)
@@ -297,14 +297,14 @@ def test_basic_auth_with_docker_config(htpasswd_registry: LocalRegistry, tmp_pat
     assert fetch(f, ref).data == PROFILE
 
     wrong = docker_config(tmp_path / "wrong.json", {reg.address: ("alice", "nope")})
-    with pytest.raises(artifacts.Unauthorized) as info:
+    with pytest.raises(errors.Unauthorized) as info:
         fetch(fetcher(reg.address, docker_config=str(wrong)), ref)
     assert "HTTP 401" in str(info.value)
     assert f"the credentials for {reg.address} from {wrong} were refused" in str(info.value)
 
     # credentials for another host are never used here
     other = docker_config(tmp_path / "other.json", {"ghcr.io": REGISTRY_USER})
-    with pytest.raises(artifacts.Unauthorized, match="no credentials are configured"):
+    with pytest.raises(errors.Unauthorized, match="no credentials are configured"):
         fetch(fetcher(reg.address, docker_config=str(other)), ref)
 
 
@@ -315,7 +315,7 @@ def test_docker_config_is_reread_when_it_changes(htpasswd_registry: LocalRegistr
     ref = parse(f"{reg.address}/private/rotate:v1")
     path = docker_config(tmp_path / "config.json", {reg.address: ("alice", "old")})
     f = fetcher(reg.address, docker_config=str(path))
-    with pytest.raises(artifacts.Unauthorized):
+    with pytest.raises(errors.Unauthorized):
         fetch(f, ref)
     docker_config(path, {reg.address: REGISTRY_USER})
     os.utime(path, ns=(time.time_ns(), time.time_ns() + 1_000_000))
@@ -333,7 +333,7 @@ def test_docker_config_errors(tmp_path: Path) -> None:
     helper.write_text(json.dumps({"auths": {}, "credHelpers": {"127.0.0.1:1": "gcloud"}}))
     with BadRegistry("status:401") as bad_reg:
         helper.write_text(json.dumps({"auths": {}, "credHelpers": {bad_reg.address: "gcloud"}}))
-        with pytest.raises(artifacts.Unauthorized,
+        with pytest.raises(errors.Unauthorized,
                            match=r"credential helper \(credHelpers\), which is not supported"):
             fetch(fetcher(bad_reg.address, docker_config=str(helper)),
                 parse(f"{bad_reg.address}/x/y:t"))
@@ -347,7 +347,7 @@ def test_bearer_token_auth(token_registry: LocalRegistry, tmp_path: Path) -> Non
     realm_host = (urlsplit(tokens.realm).netloc,)
     reg.push_profile("tok/prof", "v1", PROFILE)
     ref = parse(f"{reg.address}/tok/prof:v1")
-    with pytest.raises(artifacts.Unauthorized) as info:
+    with pytest.raises(errors.Unauthorized) as info:
         fetch(fetcher(reg.address, token_realm_hosts=realm_host), ref)
     assert f"token server '{tokens.realm}' answered HTTP 401; registry {reg.address} requires " \
            "authentication and no credentials are configured" in str(info.value)
@@ -371,7 +371,7 @@ def test_bearer_token_auth(token_registry: LocalRegistry, tmp_path: Path) -> Non
     assert [a["scope"] for a in tokens.requests[seen:]] == ["repository:tok/other:pull"]
 
     wrong = docker_config(tmp_path / "wrong.json", {reg.address: ("alice", "nope")})
-    with pytest.raises(artifacts.Unauthorized) as info:
+    with pytest.raises(errors.Unauthorized) as info:
         fetch(fetcher(reg.address, docker_config=str(wrong), token_realm_hosts=realm_host), ref)
     assert f"token server '{tokens.realm}' answered HTTP 401; the credentials for " \
            f"{reg.address} from {wrong} were refused" in str(info.value)
@@ -396,7 +396,7 @@ def test_redirect_target_asking_for_credentials_gets_none(tmp_path: Path) -> Non
          BadRegistry("redirect", target=target.address) as front:
         config = docker_config(tmp_path / "config.json", {front.address: ("u", "p"),
                                                           target.address: ("t", "t")})
-        with pytest.raises(artifacts.Unauthorized) as info:
+        with pytest.raises(errors.Unauthorized) as info:
             fetch(fetcher(front.address, target.address, docker_config=str(config)),
                 parse(f"{front.address}/x/y:t"))
         assert f"access denied by http://{target.address}, where {front.address} " \
@@ -408,21 +408,21 @@ def test_redirect_target_asking_for_credentials_gets_none(tmp_path: Path) -> Non
 # ---- registries that misbehave ------------------------------------------------------
 
 BAD = [
-    ("hang", artifacts.RegistryUnavailable, "did not answer within 0.40s"),
-    ("trickle", artifacts.RegistryUnavailable, "did not answer before the deadline"),
-    ("trickle-blob", artifacts.RegistryUnavailable, "deadline passed after"),
-    ("stall-body", artifacts.RegistryUnavailable, "layer download failed after 0 bytes"),
-    ("status:500", artifacts.RegistryUnavailable, "registry unavailable: HTTP 500 from registry"),
-    ("status:429", artifacts.RegistryUnavailable, "HTTP 429 from registry"),
-    ("status:401", artifacts.Unauthorized, "no credentials are configured"),
-    ("status:404", artifacts.NotFound, "HTTP 404"),
-    ("reset", artifacts.RegistryUnavailable, "cannot connect to registry 127.0.0.1:"),
-    ("lying-size", artifacts.InvalidArtifact, "layer sent more than its advertised size"),
-    ("oversize-length", artifacts.InvalidArtifact, "more than its advertised size of"),
-    ("short", artifacts.InvalidArtifact, "the descriptor says"),
-    ("bad-digest", artifacts.InvalidArtifact,
+    ("hang", errors.RegistryUnavailable, "did not answer within 0.40s"),
+    ("trickle", errors.RegistryUnavailable, "did not answer before the deadline"),
+    ("trickle-blob", errors.RegistryUnavailable, "deadline passed after"),
+    ("stall-body", errors.RegistryUnavailable, "layer download failed after 0 bytes"),
+    ("status:500", errors.RegistryUnavailable, "registry unavailable: HTTP 500 from registry"),
+    ("status:429", errors.RegistryUnavailable, "HTTP 429 from registry"),
+    ("status:401", errors.Unauthorized, "no credentials are configured"),
+    ("status:404", errors.NotFound, "HTTP 404"),
+    ("reset", errors.RegistryUnavailable, "cannot connect to registry 127.0.0.1:"),
+    ("lying-size", errors.InvalidArtifact, "layer sent more than its advertised size"),
+    ("oversize-length", errors.InvalidArtifact, "more than its advertised size of"),
+    ("short", errors.InvalidArtifact, "the descriptor says"),
+    ("bad-digest", errors.InvalidArtifact,
      "layer digest mismatch: the content does not match the descriptor's digest"),
-    ("index", artifacts.InvalidArtifact, "is an image index"),
+    ("index", errors.InvalidArtifact, "is an image index"),
 ]
 
 
@@ -444,7 +444,7 @@ def test_one_byte_per_second_never_exceeds_the_deadline(mode: str) -> None:
     # each read arrives well within the per-call timeout: only the deadline stops it
     with BadRegistry(mode, interval=1.0) as bad:
         t0 = time.monotonic()
-        with pytest.raises(artifacts.RegistryUnavailable, match="deadline"):
+        with pytest.raises(errors.RegistryUnavailable, match="deadline"):
             fetch(fetcher(bad.address, timeout=5.0), parse(f"{bad.address}/x/y:t"),
                                                      deadline=time.monotonic() + 1.2)
         assert time.monotonic() - t0 < 1.4
@@ -452,7 +452,7 @@ def test_one_byte_per_second_never_exceeds_the_deadline(mode: str) -> None:
 
 def test_errors_carry_registry_url_status() -> None:
     with BadRegistry("status:500") as bad, \
-            pytest.raises(artifacts.RegistryUnavailable) as info:
+            pytest.raises(errors.RegistryUnavailable) as info:
         fetch(fetcher(bad.address), parse(f"{bad.address}/x/y:t"))
     exc = info.value
     assert exc.reference == f"{bad.address}/x/y:t"
@@ -474,11 +474,11 @@ def test_fetch_manifest_digest(registry: LocalRegistry) -> None:
     assert registry.count("manifests", "recheck/p", method="HEAD") == 2
     assert registry.count("manifests", "recheck/p") == 0
     assert head(f, parse(f"{registry.address}/recheck/p@{d1}")) == d1
-    with pytest.raises(artifacts.NotFound):
+    with pytest.raises(errors.NotFound):
         head(f, parse(f"{registry.address}/recheck/p:nope"))
     with BadRegistry("ok") as bad:
         wrong = "sha256:" + "4" * 64
-        with pytest.raises(artifacts.InvalidArtifact, match="manifest digest mismatch"):
+        with pytest.raises(errors.InvalidArtifact, match="manifest digest mismatch"):
             head(fetcher(bad.address), parse(f"{bad.address}/x/y@{wrong}"))
         assert head(fetcher(bad.address),
             parse(f"{bad.address}/x/y:t")) == bad.manifest_digest
@@ -506,7 +506,7 @@ def test_layer_already_held_is_not_downloaded(registry: LocalRegistry) -> None:
 def test_redirect_loop_is_bounded() -> None:
     with BadRegistry("redirect") as bad:
         bad.target = bad.address
-        with pytest.raises(artifacts.ArtifactError, match="more than 3 redirects"):
+        with pytest.raises(errors.ArtifactError, match="more than 3 redirects"):
             fetch(fetcher(bad.address), parse(f"{bad.address}/x/y:t"))
         assert len(bad.seen("/blobs/")) == 4
 
@@ -541,7 +541,7 @@ def test_tls_verified_by_default(tmp_path: Path) -> None:
         ref = parse(f"{reg.address}/tls/p:v1")
         # an unknown CA is refused: verification is on unless configured otherwise
         listed = (f"{reg.address}/*",)
-        with pytest.raises(artifacts.RegistryUnavailable) as info:
+        with pytest.raises(errors.RegistryUnavailable) as info:
             fetch(fetcher(allowed=listed), ref)
         assert str(info.value).endswith(
             f"registry {reg.address}: TLS handshake failed (certificate not verified)")
@@ -556,7 +556,7 @@ def test_credentials_not_sent_to_plain_http_token_server(tmp_path: Path) -> None
         reg.push_profile("tok/tls", "v1", PROFILE)
         before = len(reg.token_server.requests)
         config = docker_config(tmp_path / "config.json", {reg.address: REGISTRY_USER})
-        with pytest.raises(artifacts.Unauthorized) as info:
+        with pytest.raises(errors.Unauthorized) as info:
             fetch(fetcher(ca_file=str(cert), docker_config=str(config),
                           allowed=(f"{reg.address}/*",)),
                   parse(f"{reg.address}/tok/tls:v1"))
@@ -569,11 +569,11 @@ def test_credentials_not_sent_to_plain_http_token_server(tmp_path: Path) -> None
 # Each test is written as the attack; its assertions are the defended outcome.
 
 
-def _artifact_manifest(config_media_type: str = artifacts.SECCOMP_CONFIG_MEDIA_TYPE) -> bytes:
+def _artifact_manifest(config_media_type: str = artifact.SECCOMP_CONFIG_MEDIA_TYPE) -> bytes:
     from devtools.badregistry import PROFILE as BAD_PROFILE
 
     return json.dumps({
-        "schemaVersion": 2, "mediaType": artifacts.OCI_MANIFEST,
+        "schemaVersion": 2, "mediaType": artifact.OCI_MANIFEST,
         "config": {"mediaType": config_media_type, "digest": digest_of(b"{}\n"), "size": 3},
         "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
                     "digest": digest_of(BAD_PROFILE), "size": len(BAD_PROFILE)}],
@@ -596,7 +596,7 @@ def test_default_configuration_allows_no_registry() -> None:
         ref = parse(f"{bad.address}/x/y:t")
         for call in (lambda: fetch(f, ref),
                      lambda: run(f.manifest_annotations(ref, time.monotonic() + 5))):
-            with pytest.raises(artifacts.PolicyError) as info:
+            with pytest.raises(errors.PolicyError) as info:
                 call()
             assert str(info.value) == (f"{bad.address}/x/y:t: registry.allowed is empty: list "
                                        "the registries profiles may come from")
@@ -608,13 +608,13 @@ def test_pod_pointing_at_node_loopback_is_refused_without_connecting() -> None:
     with BadRegistry("ok") as bad:
         port = bad.address.rsplit(":", 1)[1]
         for name in (bad.address, f"localhost:{port}"):
-            with pytest.raises(artifacts.PolicyError) as info:
+            with pytest.raises(errors.PolicyError) as info:
                 fetch(fetcher(), parse(f"{name}/x/y:t"))
             assert str(info.value) == (
                 f"{name}/x/y:t: registry {name} does not have a public address and is not "
                 "listed in registry.allowed or registry.insecure")
         # a glob naming loopback is not a literal listing either
-        with pytest.raises(artifacts.PolicyError, match="does not have a public address"):
+        with pytest.raises(errors.PolicyError, match="does not have a public address"):
             fetch(fetcher(allowed=("127.0.0.1:*/x/*",)), parse(f"{bad.address}/x/y:t"))
         assert bad.connections == 0 and bad.requests == []
 
@@ -623,7 +623,7 @@ def test_loopback_registry_listed_literally_is_fetched(tmp_path: Path) -> None:
     cert, key = _self_signed(tmp_path)
     with BadRegistry("ok", tls=(cert, key)) as bad:
         ref = parse(f"{bad.address}/x/y:t")
-        with pytest.raises(artifacts.PolicyError, match="does not have a public address"):
+        with pytest.raises(errors.PolicyError, match="does not have a public address"):
             fetch(fetcher(ca_file=str(cert)), ref)
         assert bad.connections == 0
         art = fetch(fetcher(ca_file=str(cert), allowed=(f"{bad.address}/*",)), ref)
@@ -634,10 +634,10 @@ def test_disguised_loopback_address_is_refused() -> None:
     with BadRegistry("ok") as bad:
         port = bad.address.rsplit(":", 1)[1]
         for disguised in (f"2130706433:{port}", f"127.1:{port}", f"0x7f000001:{port}"):
-            with pytest.raises(artifacts.PolicyError, match="does not have a public address"):
+            with pytest.raises(errors.PolicyError, match="does not have a public address"):
                 fetch(fetcher(), parse(f"{disguised}/x/y:t"))
         # even named as plain HTTP by a glob: not a literal listing
-        with pytest.raises(artifacts.PolicyError, match="does not have a public address"):
+        with pytest.raises(errors.PolicyError, match="does not have a public address"):
             fetch(fetcher(allowed=("2130706433:*/*",)), parse(f"2130706433:{port}/x/y:t"))
         assert bad.connections == 0
         # the administrator's literal listing is honoured, in whatever form it is written
@@ -649,7 +649,7 @@ def test_disguised_loopback_address_is_refused() -> None:
 def test_redirect_to_another_loopback_port_is_refused() -> None:
     with BadRegistry("ok") as internal, \
          BadRegistry("redirect", target=internal.address) as front:
-        with pytest.raises(artifacts.PolicyError) as info:
+        with pytest.raises(errors.PolicyError) as info:
             fetch(fetcher(front.address), parse(f"{front.address}/x/y:t"))
         assert (f"registry {internal.address} does not have a public address and is not "
                 "listed") in str(info.value)
@@ -663,7 +663,7 @@ def test_https_to_http_redirect_is_refused(tmp_path: Path) -> None:
          BadRegistry("redirect", target=plain.address, tls=(cert, key)) as front:
         # the plain-HTTP host is even listed: the downgrade alone is refused
         f = fetcher(plain.address, ca_file=str(cert), allowed=(f"{front.address}/*",))
-        with pytest.raises(artifacts.PolicyError) as info:
+        with pytest.raises(errors.PolicyError) as info:
             fetch(f, parse(f"{front.address}/x/y:t"))
         assert f"registry {front.address} redirected from https to plain http" in str(info.value)
         assert plain.connections == 0
@@ -677,7 +677,7 @@ def test_bearer_realm_on_another_host_is_refused(tmp_path: Path) -> None:
             config = docker_config(tmp_path / "config.json", {reg.address: ("u", "secret")})
             # the collector is reachable (listed); only the realm rule stands in the way
             f = fetcher(reg.address, collector.address, docker_config=str(config))
-            with pytest.raises(artifacts.PolicyError) as info:
+            with pytest.raises(errors.PolicyError) as info:
                 fetch(f, parse(f"{reg.address}/x/y:t"))
             assert str(info.value).endswith(
                 f"registry {reg.address} named a token server on another host, not listed in "
@@ -687,7 +687,7 @@ def test_bearer_realm_on_another_host_is_refused(tmp_path: Path) -> None:
             # listed by the administrator: asked (and it answers no token)
             listed = fetcher(reg.address, collector.address, docker_config=str(config),
                              token_realm_hosts=(collector.address,))
-            with pytest.raises(artifacts.Unauthorized, match="answered HTTP 404"):
+            with pytest.raises(errors.Unauthorized, match="answered HTTP 404"):
                 fetch(listed, parse(f"{reg.address}/x/y:t"))
             assert collector.seen("/token")
 
@@ -697,7 +697,7 @@ def test_internal_service_body_is_not_echoed() -> None:
             b'"detail": "<html>token=SECRET</html>"}]}')
     for status in (403, 500, 404, 418):
         with BadRegistry(f"status:{status}", body=body) as internal, \
-             pytest.raises(artifacts.ArtifactError) as info:
+             pytest.raises(errors.ArtifactError) as info:
             fetch(fetcher(internal.address), parse(f"{internal.address}/x/y:t"))
         message = str(info.value)
         assert "SECRET" not in message
@@ -723,7 +723,7 @@ def test_connection_failures_read_the_same(tmp_path: Path) -> None:
 
 
 def _error(f: ArtifactFetcher, address: str) -> str:
-    with pytest.raises(artifacts.RegistryUnavailable) as info:
+    with pytest.raises(errors.RegistryUnavailable) as info:
         fetch(f, parse(f"{address}/x/y:t"), deadline=time.monotonic() + 5)
     return str(info.value)
 
@@ -731,14 +731,14 @@ def _error(f: ArtifactFetcher, address: str) -> str:
 def test_huge_media_type_is_bounded() -> None:
     # 4 MiB of quote characters: 8 MiB of JSON, refused by the manifest cap unread
     with BadRegistry("ok", manifest=_artifact_manifest('"' * (4 * 1024 * 1024))) as bad:
-        with pytest.raises(artifacts.InvalidArtifact) as info:
+        with pytest.raises(errors.InvalidArtifact) as info:
             fetch(fetcher(bad.address), parse(f"{bad.address}/x/y:t"))
         assert "more than the maximum of 524288 bytes" in str(info.value)
         assert len(str(info.value)) < 300
         assert not bad.seen("/blobs/")
     # 100 KiB of them fits the cap: the message quotes at most 100 characters
     with BadRegistry("ok", manifest=_artifact_manifest('"' * (100 * 1024))) as bad:
-        with pytest.raises(artifacts.InvalidArtifact) as info:
+        with pytest.raises(errors.InvalidArtifact) as info:
             fetch(fetcher(bad.address), parse(f"{bad.address}/x/y:t"))
         assert "config media type is '\"" in str(info.value)
         assert len(str(info.value)) < 300
@@ -750,37 +750,37 @@ def test_deeply_nested_manifest_is_refused(opening: bytes) -> None:
     nested = opening * 100_000 + b"1" + closing * 100_000
     with BadRegistry("ok", manifest=nested) as bad:
         ref = parse(f"{bad.address}/x/y:t")
-        with pytest.raises(artifacts.InvalidArtifact) as info:
+        with pytest.raises(errors.InvalidArtifact) as info:
             fetch(fetcher(bad.address), ref)
         assert str(info.value) == f"{ref}: manifest is nested more than 32 levels deep"
         # image annotations read the same way (larger cap, same depth check)
-        with pytest.raises(artifacts.InvalidArtifact, match="nested more than 32 levels"):
+        with pytest.raises(errors.InvalidArtifact, match="nested more than 32 levels"):
             run(fetcher(bad.address).manifest_annotations(ref, time.monotonic() + 5))
 
 
 def test_depth_scan_ignores_brackets_in_strings() -> None:
-    assert not artifacts.json_depth_exceeds(json.dumps({"a": "[[[[" * 100 + '\\"{{'}).encode())
-    assert artifacts.json_depth_exceeds(b"[" * 33 + b"]" * 33)
-    assert not artifacts.json_depth_exceeds(b"[" * 32 + b"]" * 32)
+    assert not artifact.json_depth_exceeds(json.dumps({"a": "[[[[" * 100 + '\\"{{'}).encode())
+    assert artifact.json_depth_exceeds(b"[" * 33 + b"]" * 33)
+    assert not artifact.json_depth_exceeds(b"[" * 32 + b"]" * 32)
 
 
 def test_signed_redirect_location_is_not_echoed() -> None:
     signed = "?X-Amz-Signature=SECRET&X-Amz-Credential=SECRET#SECRET"
     with BadRegistry("status:500") as storage, \
          BadRegistry("redirect", location=f"http://{storage.address}{{path}}{signed}") as front:
-        with pytest.raises(artifacts.RegistryUnavailable) as info:
+        with pytest.raises(errors.RegistryUnavailable) as info:
             fetch(fetcher(front.address, storage.address), parse(f"{front.address}/x/y:t"))
         assert storage.seen("X-Amz-Signature=SECRET"), "the signed URL was followed as given"
         assert "SECRET" not in str(info.value) and "SECRET" not in (info.value.url or "")
         assert f"HTTP 500 from registry {storage.address}" in str(info.value)
     # refused hop and redirect loop: the Location is not shown with its query either
     with BadRegistry("redirect", location="http://127.0.0.9:9/b{path}" + signed) as front:
-        with pytest.raises(artifacts.PolicyError) as info:
+        with pytest.raises(errors.PolicyError) as info:
             fetch(fetcher(front.address), parse(f"{front.address}/x/y:t"))
         assert "SECRET" not in str(info.value)
     with BadRegistry("redirect") as loop:
         loop.location = f"http://{loop.address}{{path}}{signed}"
-        with pytest.raises(artifacts.ArtifactError, match="more than 3 redirects") as info:
+        with pytest.raises(errors.ArtifactError, match="more than 3 redirects") as info:
             fetch(fetcher(loop.address), parse(f"{loop.address}/x/y:t"))
         assert "SECRET" not in str(info.value)
 
@@ -791,12 +791,12 @@ def test_wrong_digest_reference_does_not_reveal_the_real_digest() -> None:
     with BadRegistry("ok") as bad:
         wrong = "sha256:" + "5" * 64
         for call in (fetch, head):
-            with pytest.raises(artifacts.InvalidArtifact) as info:
+            with pytest.raises(errors.InvalidArtifact) as info:
                 call(fetcher(bad.address), parse(f"{bad.address}/x/y:t@{wrong}"))
             assert "does not match the reference's digest" in str(info.value)
             assert bad.manifest_digest.split(":")[1] not in str(info.value)
     with BadRegistry("bad-digest") as bad:
-        with pytest.raises(artifacts.InvalidArtifact) as info:
+        with pytest.raises(errors.InvalidArtifact) as info:
             fetch(fetcher(bad.address), parse(f"{bad.address}/x/y:t"))
         assert hashlib.sha256(bad.profile).hexdigest() not in str(info.value)
 
@@ -806,7 +806,7 @@ def test_image_annotations_follow_the_allow_list(registry: LocalRegistry) -> Non
     ref = parse(f"{registry.address}/img/app:1.0")
     before = registry.requests_seen(r"[A-Z]+ /v2/")
     f = fetcher(registry.address, allowed=("ghcr.io/*",))
-    with pytest.raises(artifacts.PolicyError, match="is not in the allowed registries"):
+    with pytest.raises(errors.PolicyError, match="is not in the allowed registries"):
         run(f.manifest_annotations(ref, time.monotonic() + 5))
     assert registry.requests_seen(r"[A-Z]+ /v2/") == before
     ok = fetcher(registry.address, allowed=(f"{registry.address}/img/*",))
@@ -824,4 +824,4 @@ def test_image_annotations_follow_the_allow_list(registry: LocalRegistry) -> Non
     ("::ffff:8.8.8.8", False),
 ])
 def test_address_classification(address: str, public: bool) -> None:
-    assert artifacts.is_public_address(address) is public
+    assert netguard.is_public_address(address) is public
