@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nri_seccomp import config
-from nri_seccomp.registry.artifacts import ArtifactFetcher, FetchSettings
+from nri_seccomp.registry.client import ArtifactFetcher, FetchSettings
 from nri_seccomp.seccomp import select
 from nri_seccomp.seccomp.worker import Budget, SeccompWorkers
 from nri_seccomp.service.images import ImageAnnotations

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from nri_seccomp.decide import runtimes
 from nri_seccomp.decide.reference import Reference
 from nri_seccomp.nri.pb import nri_pb2
-from nri_seccomp.registry import artifacts
+from nri_seccomp.registry import artifact, errors
 from nri_seccomp.seccomp import model
 from nri_seccomp.seccomp.worker import PreparedProfile, Translated, prepare_inline, translate_inline
 from nri_seccomp.storage import cache
@@ -45,20 +45,20 @@ class FakeRegistry:
 
     def check_allowed(self, ref: Reference) -> None:
         if not str(ref).startswith(self.allowed):
-            raise artifacts.PolicyError(str(ref), "not in the allowed registries",
-                                        registry=ref.registry)
+            raise errors.PolicyError(str(ref), "not in the allowed registries",
+                                     registry=ref.registry)
 
     def check_policy(self, ref: Reference) -> None:
         self.check_allowed(ref)
         if self.require_digest and ref.digest is None:
-            raise artifacts.PolicyError(str(ref), "a digest reference is required",
-                                        registry=ref.registry)
+            raise errors.PolicyError(str(ref), "a digest reference is required",
+                                     registry=ref.registry)
 
     async def manifest_annotations(self, ref: Reference, deadline: float) -> dict[str, str]:
         self.calls.append(f"image {ref}")
         found = self.images.get(str(ref))
         if found is None:
-            raise artifacts.NotFound(str(ref), "not found", registry=ref.registry)
+            raise errors.NotFound(str(ref), "not found", registry=ref.registry)
         return found
 
     async def aclose(self) -> None:
@@ -69,7 +69,7 @@ class FakeRegistry:
         ref: Reference,
         deadline: float,
         have: Callable[[str], Awaitable[bytes | None]] | None = None,
-    ) -> artifacts.Artifact:
+    ) -> artifact.Artifact:
         self.calls.append(str(ref))
         self.active += 1
         self.peak = max(self.peak, self.active)
@@ -77,16 +77,16 @@ class FakeRegistry:
             if self.gate is not None:
                 await self.gate.wait()
             if self.down:
-                raise artifacts.RegistryUnavailable(str(ref), "cannot connect",
-                                                    registry=ref.registry)
+                raise errors.RegistryUnavailable(str(ref), "cannot connect",
+                                                 registry=ref.registry)
             data = self.layers.get(f"{ref.registry}/{ref.repository}:{ref.tag}")
             if data is None:
-                raise artifacts.NotFound(str(ref), "not found", registry=ref.registry)
+                raise errors.NotFound(str(ref), "not found", registry=ref.registry)
             held = await have(digest(data)) if have is not None else None
             if held is None:
                 self.downloads += 1
-            return artifacts.Artifact(str(ref), "sha256:" + "0" * 64, digest(data), data,
-                                      artifacts.SECCOMP_CONFIG_MEDIA_TYPE, len(data))
+            return artifact.Artifact(str(ref), "sha256:" + "0" * 64, digest(data), data,
+                                     artifact.SECCOMP_CONFIG_MEDIA_TYPE, len(data))
         finally:
             self.active -= 1
 

@@ -11,7 +11,7 @@ import pytest
 from nri_seccomp.decide.reference import parse
 from nri_seccomp.errors import Kind, Refusal
 from nri_seccomp.nri.stub import RuntimeInfo
-from nri_seccomp.registry import artifacts
+from nri_seccomp.registry import errors
 from nri_seccomp.service.plugin import SeccompPlugin
 
 pytestmark = pytest.mark.integration  # real processes: plugin, registries, servers
@@ -35,13 +35,13 @@ def test_second_configure_replaces_the_registry_policy(tmp_path: Path) -> None:
             plugin.services.store._fetcher.check_policy(ref)  # allowed now
             await plugin.configure(
                 config(tmp_path / "c", "'b.example/*'", "registry_concurrency: 2\n"), RUNTIME)
-            with pytest.raises(artifacts.PolicyError, match="not in the allowed"):
+            with pytest.raises(errors.PolicyError, match="not in the allowed"):
                 plugin.services.store._fetcher.check_policy(ref)
             assert await plugin.services.images.get(ref, 0.0) == {}  # image lookups follow too
             await plugin.configure(
                 config(tmp_path / "c", "'b.example/*'").replace(
                     "registry: {", "registry: {require_digest: true, "), RUNTIME)
-            with pytest.raises(artifacts.PolicyError, match="digest reference"):
+            with pytest.raises(errors.PolicyError, match="digest reference"):
                 plugin.services.store._fetcher.check_policy(parse("b.example/p/x:1"))
         finally:
             await plugin.shutdown()

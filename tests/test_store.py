@@ -9,7 +9,7 @@ from collections.abc import Awaitable
 import pytest
 
 from nri_seccomp.decide.reference import parse
-from nri_seccomp.registry import artifacts
+from nri_seccomp.registry import errors
 from nri_seccomp.service.store import (
     NotReady,
     ProfileRejected,
@@ -89,7 +89,7 @@ def test_tag_past_stale_max_age_with_registry_down_fails() -> None:
         reg.down = True
         await store.get(TAG, soon())
 
-    with pytest.raises(artifacts.RegistryUnavailable):
+    with pytest.raises(errors.RegistryUnavailable):
         run(go())
 
 
@@ -174,7 +174,7 @@ def test_policy_applies_to_cached_profiles() -> None:
         store.set_fetcher(FakeRegistry({"r.example/p/a:1": GOOD}, allowed=("other.example/",)))
         await store.get(TAG, soon())
 
-    with pytest.raises(artifacts.PolicyError):
+    with pytest.raises(errors.PolicyError):
         run(go())
 
 
@@ -201,7 +201,7 @@ def test_failed_reference_is_answered_from_memory_for_failure_ttl() -> None:
 
     async def go() -> None:
         for _ in range(3):
-            with pytest.raises(artifacts.NotFound):
+            with pytest.raises(errors.NotFound):
                 await store.get(TAG, soon())
 
     run(go())

@@ -25,7 +25,7 @@ from nri_seccomp.decide import resolver
 from nri_seccomp.decide.reference import Reference
 from nri_seccomp.errors import NriSeccompError
 from nri_seccomp.memo import BoundedMap, Busy, SingleFlight
-from nri_seccomp.registry.artifacts import ArtifactError, PolicyError
+from nri_seccomp.registry.errors import ArtifactError, PolicyError
 
 log = logging.getLogger(__name__)
 

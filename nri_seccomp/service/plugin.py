@@ -28,7 +28,7 @@ from nri_seccomp.errors import Kind, Refusal
 from nri_seccomp.memo import BoundedMap
 from nri_seccomp.nri.pb import nri_pb2
 from nri_seccomp.nri.stub import RuntimeInfo
-from nri_seccomp.registry.artifacts import ArtifactError, PolicyError
+from nri_seccomp.registry.errors import ArtifactError, PolicyError
 from nri_seccomp.seccomp import compat
 from nri_seccomp.seccomp.worker import CompileBudgetExceeded, SeccompWorkers
 from nri_seccomp.service import store as store_mod

@@ -40,7 +40,7 @@ from nri_seccomp.decide.reference import Reference
 from nri_seccomp.errors import NriSeccompError
 from nri_seccomp.memo import BoundedMap, Busy, KeyedLimiter, SingleFlight
 from nri_seccomp.nri.pb import nri_pb2
-from nri_seccomp.registry import artifacts
+from nri_seccomp.registry import artifact, errors
 from nri_seccomp.seccomp import model
 from nri_seccomp.seccomp.worker import CompileBudgetExceeded, PreparedProfile, prepare_inline
 from nri_seccomp.storage import cache
@@ -96,7 +96,7 @@ class Ready:
 
 
 class Fetcher(Protocol):
-    """The registry client (``artifacts.ArtifactFetcher``)."""
+    """The registry client (``client.ArtifactFetcher``)."""
 
     def check_policy(self, ref: Reference) -> None: ...
 
@@ -105,7 +105,7 @@ class Fetcher(Protocol):
         ref: Reference,
         deadline: float,
         have: Callable[[str], Awaitable[bytes | None]] | None = None,
-    ) -> artifacts.Artifact: ...
+    ) -> artifact.Artifact: ...
 
     async def aclose(self) -> None: ...
 
@@ -200,7 +200,7 @@ class ProfileStore:
     async def get(self, ref: Reference, deadline: float, owner: str = "") -> Ready:
         """The profile for ``ref``, or NotReady if it cannot be had by ``deadline``.
 
-        Raises ``artifacts.PolicyError`` before anything else when the configuration
+        Raises ``errors.PolicyError`` before anything else when the configuration
         does not allow ``ref``, even if it is cached.
         """
         self._fetcher.check_policy(ref)
@@ -228,7 +228,7 @@ class ProfileStore:
         """Start resolving ``ref`` (pod creation) without waiting; False if not started."""
         try:
             self._fetcher.check_policy(ref)
-        except artifacts.PolicyError:
+        except errors.PolicyError:
             return False  # refused with its message when a container asks for it
         key = str(ref)
         if key in self._flight or self._failed.get(key) is not None:
@@ -259,7 +259,7 @@ class ProfileStore:
             log.info("re-check of %s not done in time; serving the cached profile %s",
                      key, compiled.digest)
             return stale
-        except artifacts.RegistryUnavailable:
+        except errors.RegistryUnavailable:
             return stale
 
     def _start(self, ref: Reference, key: str, owner: str) -> asyncio.Task[Ready]:
@@ -290,7 +290,7 @@ class ProfileStore:
         exc = task.exception()
         if exc is None:
             return
-        if isinstance(exc, artifacts.ArtifactError | ProfileRejected):
+        if isinstance(exc, errors.ArtifactError | ProfileRejected):
             # retries within failure_ttl get the same answer without any work
             self._failed.put(key, exc, ttl=self._settings.failure_ttl)
             # consumed here so an abandoned background failure is logged once, not lost
@@ -323,7 +323,7 @@ class ProfileStore:
                 return ready
         try:
             return await self._fetch(ref, key)
-        except artifacts.RegistryUnavailable as exc:
+        except errors.RegistryUnavailable as exc:
             # stale-if-error: a tag we fetched before keeps working while the registry is down
             if (
                 ref.digest is None
