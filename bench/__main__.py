@@ -227,10 +227,12 @@ async def loop_lag(reg: LocalRegistry, tmp: str) -> dict[str, Any]:
     """The plugin's own event loop, in this process: how late a 1 ms timer fires while
     Debian's profile is compiled and translated cold for containerd 2.3, next to the
     same loop idle. The heavy work runs in the compile workers, not on this loop."""
+    from nri_seccomp.decide.reference import parse
+    from nri_seccomp.lazy import LazySeccompPlugin
     from nri_seccomp.nri.stub import RuntimeInfo
-    from nri_seccomp.service.plugin import SeccompPlugin
+    from nri_seccomp.service.store import NotReady
 
-    plugin = SeccompPlugin()
+    plugin = LazySeccompPlugin()  # as the entry point builds it
     await plugin.configure(
         f"cache_dir: {tmp}/lag-cache\nallow_errno_degrade: true\n"
         f"registry: {{insecure: [{reg.address}], allowed: ['{reg.address}/*']}}\n",
@@ -269,13 +271,26 @@ async def loop_lag(reg: LocalRegistry, tmp: str) -> dict[str, Any]:
             await asyncio.sleep(0.01)
         raise SystemExit("bench: the cold translation did not finish")
 
+    async def fetch_and_compile() -> None:
+        await plugin.run_pod_sandbox(pod_for(ref)[0])  # pod creation: fetch and compile
+        store = plugin._real.services.store if plugin._real and plugin._real.services else None
+        assert store is not None
+        for _ in range(500):
+            try:
+                await store.get(parse(ref), time.monotonic() + 0.01)
+                return
+            except NotReady:
+                await asyncio.sleep(0.01)
+        raise SystemExit("bench: the cold fetch did not finish")
+
     quiet = await measure(idle)
+    fetched = await measure(fetch_and_compile)
     t0 = time.perf_counter()
     busy = await measure(cold)
     seconds = time.perf_counter() - t0
     await plugin.shutdown()
-    return {"idle": percentiles(quiet), "cold_translation": percentiles(busy),
-            "cold_seconds": seconds}
+    return {"idle": percentiles(quiet), "cold_fetch_compile": percentiles(fetched),
+            "cold_translation": percentiles(busy), "cold_seconds": seconds}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -395,11 +410,12 @@ def table(out: dict[str, Any]) -> str:
                  f"first 10%: {m['growth_after_first_10pct_mib']} MiB")
     lines.append("")
     lag = out["loop_lag"]
-    lines.append(f"Event-loop lag (1 ms timer), idle: p50 {lag['idle']['p50_ms']:.3f} ms  p99 "
-                 f"{lag['idle']['p99_ms']:.3f} ms; during a cold compile + translation of "
-                 f"Debian's profile ({lag['cold_seconds'] * 1000:.0f} ms): p50 "
-                 f"{lag['cold_translation']['p50_ms']:.3f} ms  p99 "
-                 f"{lag['cold_translation']['p99_ms']:.3f} ms (target < 1 ms)")
+    lines.append("Event-loop lag (how late a 1 ms timer fires on the plugin's loop)")
+    for key, what in (("idle", "idle"), ("cold_fetch_compile", "Debian's profile fetched and "
+                      "compiled cold"), ("cold_translation", "Debian's profile translated cold "
+                      "for containerd 2.3 (target p99 < 1 ms)")):
+        lines.append(f"  {what:72} p50 {lag[key]['p50_ms']:6.3f} ms  p99 "
+                     f"{lag[key]['p99_ms']:6.3f} ms  max {lag[key]['max_ms']:6.2f} ms")
     lines.append("")
     a = out["attack"]
     lines.append(f"Under attack ({a['bombs']} compile bombs + a 300-annotation pod on a "

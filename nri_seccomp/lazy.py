@@ -26,6 +26,10 @@ if TYPE_CHECKING:
 def _load(config_path: str | None) -> SeccompPlugin:
     module: Any = importlib.import_module("nri_seccomp.service.plugin")
     plugin: SeccompPlugin = module.SeccompPlugin(config_path=config_path)
+    # httpcore loads anyio's asyncio backend at its first connection, about 40 ms of
+    # imports that would otherwise run on the event loop in the first fetch
+    anyio = importlib.import_module("anyio")
+    anyio.run(anyio.sleep, 0, backend="asyncio")
     return plugin
 
 
