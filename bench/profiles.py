@@ -67,3 +67,22 @@ def compile_bomb(seed: int) -> bytes:
                        for i in range(6)]}
              for r in range(4)]
     return json.dumps({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": rules}).encode()
+
+
+def blog_profile(seed: int) -> bytes:
+    """The CRI-O blog's shape (ENOSYS default, an allow-list, archMap for x86_64); ``seed``
+    makes its digest unique without changing what it allows."""
+    return json.dumps({
+        "defaultAction": "SCMP_ACT_ERRNO",
+        "defaultErrnoRet": 38,
+        "archMap": [{"architecture": "SCMP_ARCH_X86_64",
+                     "subArchitectures": ["SCMP_ARCH_X86", "SCMP_ARCH_X32"]}],
+        "syscalls": [{"names": ALLOW, "action": "SCMP_ACT_ALLOW", "comment": f"variant {seed}"}],
+    }).encode()
+
+
+def debian_variant(seed: int) -> bytes:
+    """Debian's default profile with a comment that makes its digest unique."""
+    data = json.loads(debian_default_profile())
+    data["syscalls"][0]["comment"] = f"variant {seed}"
+    return json.dumps(data).encode()

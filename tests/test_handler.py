@@ -161,3 +161,25 @@ def test_translation_is_done_once_per_profile_and_runtime() -> None:
 
     asyncio.run(go())
     assert workers.translated == 1  # type: ignore[attr-defined]
+
+
+def test_pod_creation_prepares_the_answer_before_the_container_asks() -> None:
+    """Fetch, compile and the runtime's translation happen at RunPodSandbox."""
+    reg = FakeRegistry({REF: PROFILE})
+    plugin = handler(C23, reg)
+    assert plugin.services is not None
+    workers = plugin.services.workers
+
+    async def go() -> bytes | None:
+        await plugin.run_pod_sandbox(pod({f"{KEY_V1}/POD": REF}))
+        for _ in range(100):
+            if workers.translated:  # type: ignore[attr-defined]
+                break
+            await asyncio.sleep(0.01)
+        # no waiting at all now: an answer_wait of zero would still be served
+        plugin.config = config.Config(answer_wait=0.0)
+        return await plugin.create_container(pod({f"{KEY_V1}/POD": REF}), ctr(),
+                                             time.monotonic() + 2)
+
+    assert asyncio.run(go()) is not None
+    assert workers.translated == 1 and reg.calls == [REF]  # type: ignore[attr-defined]

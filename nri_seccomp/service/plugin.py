@@ -24,7 +24,7 @@ import time
 
 from nri_seccomp import config, wiring
 from nri_seccomp.decide import policy, reference, resolver, runtimes
-from nri_seccomp.errors import Kind, Refusal
+from nri_seccomp.errors import Kind, NriSeccompError, Refusal
 from nri_seccomp.memo import BoundedMap
 from nri_seccomp.nri.pb import nri_pb2
 from nri_seccomp.nri.stub import RuntimeInfo
@@ -41,6 +41,8 @@ IMAGE_NAME_ANNOTATION = "io.kubernetes.cri.image-name"
 #: translations (profile digest, runtime) kept in memory, in entries and in bytes
 TRANSLATIONS_KEPT = 256
 TRANSLATIONS_BYTES = 32 * 1024 * 1024
+#: profiles prepared in the background at pod creation, at most, at once
+WARMING_LIMIT = 64
 
 
 class SeccompPlugin:
@@ -51,6 +53,8 @@ class SeccompPlugin:
         self.runtime = RuntimeInfo()
         self.services: wiring.Services | None = None
         self._retired: set[asyncio.Task[None]] = set()
+        #: background preparations started at pod creation
+        self._warming: set[asyncio.Task[None]] = set()
         self._translations: BoundedMap[
             tuple[str, runtimes.RuntimeCaps, bool], asyncio.Future[Answer]
         ] = BoundedMap(TRANSLATIONS_KEPT, TRANSLATIONS_BYTES, _translation_bytes)
@@ -120,7 +124,9 @@ class SeccompPlugin:
     # ---- events ----------------------------------------------------------------
 
     async def run_pod_sandbox(self, pod: nri_pb2.PodSandbox) -> None:
-        """Start fetching the profiles the pod's annotations name, before its containers.
+        """Prepare the profiles the pod's annotations name before its containers ask:
+        fetch, compile, and translate for this runtime, so the first container finds
+        its answer ready.
 
         At most ``prefetch_per_pod`` of them: a pod with hundreds of annotations
         must not fill the fetch lanes; the rest are fetched when a container asks.
@@ -145,10 +151,30 @@ class SeccompPlugin:
                 continue
             if self.services.store.prefetch(ref, owner=pod.namespace):
                 started += 1
+                self._warm(ref, pod.namespace)
         if skipped:
             log.info("pod %s/%s names %d more profiles than prefetch_per_pod (%d); they are "
                      "fetched when a container asks", pod.namespace, pod.name, skipped,
                      self.config.prefetch_per_pod)
+
+    def _warm(self, ref: reference.Reference, owner: str) -> None:
+        """Translate ``ref`` for this runtime once it is compiled, in the background."""
+        if len(self._warming) >= WARMING_LIMIT:
+            return  # the container's own request does it then
+
+        async def warm() -> None:
+            assert self.services is not None
+            budget = StoreSettings.background_budget
+            try:
+                ready = await self.services.store.get(ref, time.monotonic() + budget, owner)
+                await self._translate(ref, ready.compiled, time.monotonic() + budget)
+            except NriSeccompError as exc:
+                # the container that uses it gets the refusal, with its message
+                log.debug("preparing %s at pod creation: %s", ref, exc)
+
+        task = asyncio.create_task(warm(), name=f"warm {ref}")
+        self._warming.add(task)
+        task.add_done_callback(self._warming.discard)
 
     async def create_container(
         self, pod: nri_pb2.PodSandbox, container: nri_pb2.Container, deadline: float
