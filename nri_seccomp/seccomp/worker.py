@@ -63,6 +63,7 @@ PRELOAD = [
         "bpf",
         "prepare",
         "compat",
+        "warm",  # builds the syscall tables once, for every worker forked after
     )
 ]
 NICE = 10
