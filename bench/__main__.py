@@ -24,13 +24,13 @@ from typing import Any
 
 from devtools import driver
 from devtools.badregistry import BadRegistry
+from devtools.hostile import compile_bomb, cpu_seconds
 from devtools.registry import LocalRegistry
 from nri_seccomp.decide.resolver import KEY_V1
 from nri_seccomp.nri.pb import nri_pb2
 
 from .profiles import (
     blog_profile,
-    compile_bomb,
     debian_default_profile,
     debian_variant,
     large_profile,
@@ -330,24 +330,6 @@ async def loop_lag(reg: LocalRegistry, tmp: str) -> dict[str, Any]:
     await plugin.shutdown()
     return {"idle": percentiles(quiet), "cold_fetch_compile": percentiles(fetched),
             "cold_translation": percentiles(busy), "cold_seconds": seconds}
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU used by a process and all its children, living and reaped (from /proc)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
-        except OSError:
-            continue
-        # utime, stime, cutime, cstime: fields 14-17 of stat (here counted after the name)
-        total += sum(int(x) for x in fields[11:15]) / tick
-        todo += [int(c) for c in children]
-    return total
 
 
 async def under_attack(reg: LocalRegistry, tmp: str, n: int) -> dict[str, Any]:

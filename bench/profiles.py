@@ -59,16 +59,6 @@ def large_profile() -> bytes:
     return data
 
 
-def compile_bomb(seed: int) -> bytes:
-    """The security review's bomb: 1.2 KB, four rules on one syscall with six ``GT``
-    conditions each; libseccomp spent 123 s of CPU on it before it was bounded."""
-    rules = [{"names": ["read"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1 + r,
-              "args": [{"index": i, "value": seed * 1000 + 97 * r + 13 * i, "op": "SCMP_CMP_GT"}
-                       for i in range(6)]}
-             for r in range(4)]
-    return json.dumps({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": rules}).encode()
-
-
 def blog_profile(seed: int) -> bytes:
     """The CRI-O blog's shape (ENOSYS default, an allow-list, archMap for x86_64); ``seed``
     makes its digest unique without changing what it allows."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 
 from devtools import driver
 from devtools.badregistry import BadRegistry
+from devtools.hostile import compile_bomb, cpu_seconds
 from devtools.registry import LocalRegistry
 from nri_seccomp import bounded
 from nri_seccomp.decide.resolver import KEY_V1
@@ -34,31 +34,6 @@ def tenant_pod(namespace: str, ref: str, name: str = "pod") -> nri_pb2.PodSandbo
     p = pod({f"{KEY_V1}/POD": ref})
     p.namespace, p.name, p.id = namespace, name, f"{namespace}-{name}"
     return p
-
-
-def compile_bomb(seed: int) -> bytes:
-    """1.2 KB that cost libseccomp 123 s of CPU: four rules on one syscall, six GT each."""
-    rules = [{"names": ["read"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1 + r,
-              "args": [{"index": i, "value": seed * 1000 + 97 * r + 13 * i, "op": "SCMP_CMP_GT"}
-                       for i in range(6)]}
-             for r in range(4)]
-    return json.dumps({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": rules}).encode()
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU of a process and its children, living and reaped."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total, todo = 0.0, [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
-        except OSError:
-            continue
-        total += sum(int(x) for x in fields[11:15]) / tick
-        todo += [int(c) for c in children]
-    return total
 
 
 async def until_settled(session_conn: driver.PluginConnection, p: nri_pb2.PodSandbox,
