@@ -44,6 +44,9 @@ def main(
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
+    # the HTTP library's own line per request would double ours and show URLs whole
+    for chatty in ("httpx", "httpcore"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     handler = logging.StreamHandler(sys.stderr)
     # one line per record, bounded: registries and annotations reach these messages
     handler.setFormatter(BoundedFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

@@ -15,6 +15,8 @@ import pytest
 from devtools import driver
 from nri_seccomp.nri.pb import nri_pb2
 
+from .plugin_harness import plugin
+
 pytestmark = pytest.mark.integration  # real processes: plugin, registries, servers
 
 
@@ -165,3 +167,19 @@ def test_registration_needs_only_the_transport() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == ""
+
+
+def test_end_of_file_stops_the_worker_processes_cleanly(tmp_path: Path) -> None:
+    """The runtime going away (EOF) ends the compile workers too: no process is left,
+    and nothing of theirs leaks (the resource tracker would warn on stderr)."""
+    async def scenario() -> tuple[int | None, str, list[int]]:
+        async with plugin(f"cache_dir: {tmp_path / 'cache'}\n") as session:
+            assert session.conn.process is not None
+            pid = session.conn.process.pid
+        children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+                    ] if Path(f"/proc/{pid}").exists() else []
+        return session.exit_code, session.log, children
+
+    code, log, children = run(scenario())
+    assert code == 0 and children == []
+    assert "leaked" not in log and "Traceback" not in log

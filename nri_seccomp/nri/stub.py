@@ -44,6 +44,8 @@ API_VERSION = "v0.12.2"
 #: NRI's defaults; Configure tells us the runtime's actual values.
 DEFAULT_REGISTRATION_TIMEOUT = 5.0
 DEFAULT_REQUEST_TIMEOUT = 2.0
+#: how long the plugin's shutdown may take once the runtime has gone
+SHUTDOWN_GRACE = 5.0
 
 #: plugin method name → the NRI event it handles.
 EVENT_METHODS: Mapping[str, int] = {
@@ -299,6 +301,10 @@ class Stub:
             ) from exc
         log.info("registered plugin %s-%s", self.identity.idx, self.identity.name)
 
+    async def shutdown_plugin(self) -> None:
+        """The plugin's ``shutdown`` handler, if it has one (once the runtime is gone)."""
+        await self._call_optional("shutdown")
+
     def close(self) -> None:
         """Stop serving (and, for an external plugin, stop reconnecting)."""
         self._shutdown = True
@@ -440,6 +446,16 @@ def run_plugin(
     stub = Stub.from_environment(
         plugin, argv0=argv[0], name=name, idx=idx, socket_path=socket_path
     )
+
+    async def serve() -> None:
+        try:
+            await stub.run()
+        finally:
+            # containerd never sends Shutdown; end-of-file is the signal: let the plugin
+            # stop what it started (worker processes) before the process goes
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(stub.shutdown_plugin(), SHUTDOWN_GRACE)
+
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(stub.run())
+        asyncio.run(serve())
     return 0
