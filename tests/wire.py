@@ -13,7 +13,7 @@ from devtools import driver
 from nri_seccomp.nri.pb import nri_pb2, ttrpc_pb2
 
 REPO = Path(__file__).resolve().parent.parent
-WIRE_DIR = Path(os.environ.get("NRI_WIRE_DIR", REPO.parent / "shared" / "nri-wire"))
+WIRE_DIR = Path(os.environ.get("NRI_WIRE_DIR", REPO / "tests" / "data" / "nri-wire"))
 
 # The runtime's OK answer to RegisterPlugin (stream 1, empty payload), as recorded.
 REGISTER_OK = bytes.fromhex("000000020000000a00000000000000010200")
