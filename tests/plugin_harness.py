@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,20 @@ from nri_seccomp.nri.pb import nri_pb2
 
 def run(coro: Coroutine[Any, Any, Any], timeout: float = 60) -> Any:
     return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+async def until_settled(session_conn: driver.PluginConnection, p: nri_pb2.PodSandbox,
+                        c: nri_pb2.Container, limit: float = 30.0) -> list[driver.CreateResult]:
+    """Retry as the kubelet does until the answer is no longer 'retry'."""
+    results = []
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        r = await session_conn.create_container(p, c)
+        results.append(r)
+        if r.error is None or "retry" not in r.error.message:
+            break
+        await asyncio.sleep(0.2)
+    return results
 
 
 @dataclass

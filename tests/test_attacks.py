@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from nri_seccomp import bounded
 from nri_seccomp.decide.resolver import KEY_V1
 from nri_seccomp.nri.pb import nri_pb2
 
-from .plugin_harness import base_config, container, plugin, pod, run
+from .plugin_harness import base_config, container, plugin, pod, run, until_settled
 
 pytestmark = pytest.mark.integration
 
@@ -36,18 +35,6 @@ def tenant_pod(namespace: str, ref: str, name: str = "pod") -> nri_pb2.PodSandbo
     return p
 
 
-async def until_settled(session_conn: driver.PluginConnection, p: nri_pb2.PodSandbox,
-                        c: nri_pb2.Container, limit: float = 30.0) -> list[driver.CreateResult]:
-    """Retry as the kubelet does until the answer is no longer 'retry'."""
-    results = []
-    end = time.monotonic() + limit
-    while time.monotonic() < end:
-        r = await session_conn.create_container(p, c)
-        results.append(r)
-        if r.error is None or "retry" not in r.error.message:
-            break
-        await asyncio.sleep(0.2)
-    return results
 
 
 @pytest.mark.parametrize("size", [300 * 1024, 4 * 1024 * 1024 - 4096])

@@ -19,6 +19,7 @@ import itertools
 import struct
 import threading
 from collections.abc import Iterable, Mapping, Sequence
+from typing import NamedTuple
 
 from nri_seccomp.nri.pb import nri_pb2
 from nri_seccomp.seccomp.libseccomp import (
@@ -41,26 +42,56 @@ _MAX_PROBES = 256
 _Code = tuple[tuple[int, int, int, int], ...]
 
 
+class _Paused(NamedTuple):
+    """The interpreter's state just before the filter first loads an argument word."""
+
+    pc: int
+    a: int
+    x: int
+    mem: tuple[int, ...]
+
+
 class _Program:
     """One policy's exported filter, with the explorations done on it so far."""
 
     def __init__(self, code: _Code) -> None:
         self.code = code
         self._explored: dict[tuple[int, int], dict[Probe, int]] = {}
+        self._entries: dict[tuple[int, int], int | _Paused] = {}
+
+    def entry(self, nr: int, audit: int) -> int | _Paused:
+        """Where every run for this syscall gets before it looks at an argument (what it
+        returns, if it never does): that part depends on nothing else, so it is run once."""
+        key = (nr, audit)
+        found = self._entries.get(key)
+        if found is None:
+            found, _, steps = _run(self.code, {0: nr & _M32, 4: audit}, pause=True)
+            _work.done += steps
+            self._entries[key] = found
+        return found
 
     def explore(self, nr: int, audit: int) -> dict[Probe, int]:
         key = (nr, audit)
         found = self._explored.get(key)
         if found is None:
-            found = self._explored[key] = _explore(self.code, nr, audit)
+            found = self._explored[key] = _explore(self, nr, audit)
         return found
 
     def run(self, nr: int, audit: int, probe: Probe) -> int:
+        return self.run_seen(nr, audit, probe)[0]
+
+    def run_seen(self, nr: int, audit: int, probe: Probe) -> tuple[int, list[tuple[int, int]]]:
+        """What the filter returns for these argument words, and the argument values it
+        compared (see _run)."""
+        start = self.entry(nr, audit)
+        if isinstance(start, int):
+            return start, []
         words = {0: nr & _M32, 4: audit}
         words.update(probe)
-        ret, _, steps = _run(self.code, words)
+        ret, seen, steps = _run(self.code, words, start)
         _work.done += steps
-        return ret
+        assert isinstance(ret, int)
+        return ret, seen
 
 
 @functools.lru_cache(maxsize=32)
@@ -79,26 +110,44 @@ def _program(policy: nri_pb2.LinuxSeccomp) -> _Program:
     return _program_of(policy.SerializeToString(deterministic=True))
 
 
-def _run(prog: _Code, words: Mapping[int, int]) -> tuple[int, list[tuple[int, int]], int]:
+def _run(
+    prog: _Code,
+    words: Mapping[int, int],
+    start: _Paused | None = None,
+    *,
+    pause: bool = False,
+) -> tuple[int | _Paused, list[tuple[int, int]], int]:
     """Run the filter on seccomp_data given as 32-bit words; also return argument
     values worth trying next (the constants the filter compared argument words with)
-    and how far the run went (jumps only go forward: a bound on the work done)."""
-    a = x = 0
-    mem = [0] * 16
+    and how far the run went (jumps only go forward: a bound on the work done).
+
+    From ``start`` if given; with ``pause``, stop before the first load of an argument
+    word and return the state there instead of an action."""
+    if start is None:
+        a = x = pc = 0
+        mem = [0] * 16
+    else:
+        pc, a, x, mem = start.pc, start.a, start.x, list(start.mem)
+    first = pc
     # the argument word A was loaded from, and the mask applied to it since
     src: int | None = None
     mask = _M32
     seen: list[tuple[int, int]] = []
-    pc = 0
     while True:
         code, jt, jf, k = prog[pc]
         pc += 1
+        if code == 0x15 and src is None:
+            # JEQ K on the syscall number or architecture: most of what a filter runs
+            pc += jt if a == k else jf
+            continue
         cls = code & 0x07
         if cls == 0x00:  # BPF_LD
             mode = code & 0xE0
             if mode == 0x20:  # ABS
                 if k & 3 or k >= 64 or code & 0x18:
                     raise CompileError(f"BPF loads seccomp_data at {k} in a way the kernel refuses")
+                if pause and k >= _ARGS_OFFSET:
+                    return _Paused(pc - 1, a, x, tuple(mem)), seen, pc - 1 - first
                 a = words.get(k, 0)
                 src, mask = (k, _M32) if k >= _ARGS_OFFSET else (None, _M32)
             elif mode == 0x00:  # IMM
@@ -171,7 +220,7 @@ def _run(prog: _Code, words: Mapping[int, int]) -> tuple[int, list[tuple[int, in
                 seen.extend((src, c) for c in cands)
             pc += jt if taken else jf
         elif cls == 0x06:  # BPF_RET
-            return (a if (code & 0x18) == 0x10 else k), seen, pc
+            return (a if (code & 0x18) == 0x10 else k), seen, pc - first
         else:  # BPF_MISC
             if (code & 0xF8) == 0x00:
                 x = a
@@ -195,18 +244,14 @@ class AnalysisTooCostly(CompileError):
     """The filter is too complex to analyse within ANALYSIS_BUDGET."""
 
 
-def _explore(prog: _Code, nr: int, audit: int) -> dict[Probe, int]:
-    base = {0: nr & _M32, 4: audit}
+def _explore(prog: _Program, nr: int, audit: int) -> dict[Probe, int]:
     results: dict[Probe, int] = {}
     todo: list[Probe] = [()]
     while todo and len(results) < _MAX_PROBES:
         probe = todo.pop()
         if probe in results:
             continue
-        words = dict(base)
-        words.update(probe)
-        ret, seen, steps = _run(prog, words)
-        _work.done += steps
+        ret, seen = prog.run_seen(nr, audit, probe)
         results[probe] = ret
         assigned = dict(probe)
         for off, value in seen:
@@ -312,6 +357,7 @@ def action_table(
     arch: str,
     *,
     probe_with: Iterable[nri_pb2.LinuxSeccomp] = (),
+    extra: Mapping[str, Iterable[Probe]] | None = None,
 ) -> ActionTable:
     """What libseccomp's filter for ``policy`` does, for every syscall it knows on ``arch``.
 
@@ -320,6 +366,7 @@ def action_table(
     (found by following its comparisons). Values are (SCMP_ACT_… name, errno or
     None). Tables of two policies are only comparable on the same probes:
     pass the other policy in ``probe_with`` (then both tables have the same keys).
+    ``extra`` adds probes of its own per syscall name (the same for both tables).
     Names libseccomp does not know are skipped as the runtime skips them.
     """
     if arch not in policy_arches(policy):
@@ -333,7 +380,8 @@ def action_table(
     start = _work.done
     for name in known_syscalls(arch):
         nr = syscall_number(token, name)
-        for probe, ret in _outcomes(prog, others, nr, info.audit).items():
+        more = extra.get(name, ()) if extra else ()
+        for probe, ret in _outcomes(prog, others, nr, info.audit, more).items():
             table[_probe_key(name, arch, probe)] = describe_action(ret)
         if _work.done - start > ANALYSIS_BUDGET:
             raise AnalysisTooCostly(

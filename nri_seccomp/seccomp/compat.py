@@ -20,16 +20,20 @@ Anything else is kept exactly or refused:
   architectures that no rule decides. Only calls this libseccomp does not know
   (newer syscalls, or numbers no libseccomp names) still fall to the runtime's
   default, which is then EPERM. A syscall that reaches the default only for
-  some argument values gets rules for exactly those values when they are a few
-  ranges of one 32-bit argument (libseccomp's socketcall and ipc multiplexing on
-  x86, whose operations the profile allows only in part); otherwise, as for
-  Docker's and Debian's ``personality`` rules on 64-bit arguments, the profile
-  is refused.
+  some values of one argument (Docker's and Debian's ``personality``, allowed
+  for five values; libseccomp's socketcall and ipc multiplexing on x86) gets one
+  rule per block of those values (``argset``: LE, GT, EQ or MASKED_EQ), written
+  so that 32-bit architectures, where libseccomp compares only the low 32 bits,
+  keep their meaning too. What still cannot be written (conditions on several
+  arguments, values above 32 bits that 32-bit architectures would misread, more
+  than ``_MAX_COMPLEMENT_RULES`` rules) is refused, naming the syscall and why.
 
 ``allow_errno_degrade`` turns each refusal into a warning and EPERM. Whenever an
 explicit default rule is added, the result is checked by compiling both policies
 with libseccomp and comparing what their filters do for every syscall on every
-architecture; a difference is a refusal, never a silently different filter.
+architecture, at every value either filter compares and at both ends of every
+condition of either (so a wrong block cannot hide between them); a difference
+is a refusal, never a silently different filter.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from typing import Protocol
 
 from nri_seccomp.errors import NriSeccompError
 from nri_seccomp.nri.pb import nri_pb2
-from nri_seccomp.seccomp import bpf, libseccomp, model, parse, vocabulary
+from nri_seccomp.seccomp import argset, bpf, libseccomp, model, parse, vocabulary
 
 EPERM = errno_mod.EPERM
 
@@ -97,7 +101,7 @@ class Translation:
     notes: tuple[str, ...] = ()
     #: names listed in the explicit rule that carries defaultErrnoRet, if one was added
     materialised: tuple[str, ...] = ()
-    #: syscalls given argument-conditional rules with defaultErrnoRet (socketcall on x86)
+    #: syscalls given argument-conditional rules with defaultErrnoRet (personality, socketcall)
     complemented: tuple[str, ...] = ()
 
 
@@ -252,18 +256,24 @@ def _materialise(
         for n, by in sorted(reach.items())
         if "some" in by.values() or len(set(by.values())) > 1
     }
-    # a syscall that reaches the default only for some values of one 32-bit
-    # argument (socketcall and ipc on x86, multiplexed by libseccomp) gets explicit
-    # rules for exactly those values; anything else cannot be expressed
+    # a syscall that reaches the default only for some values of one argument
+    # (personality in Docker's and Debian's profiles; socketcall and ipc on x86,
+    # multiplexed by libseccomp) gets explicit rules for exactly those values;
+    # anything else cannot be expressed
     complements: dict[str, list[tuple[int, str, int, int]]] = {}
+    why: dict[str, str] = {}
     for n in list(mixed):
         conds = _default_region(original, n, default)
-        if conds is not None:
+        if isinstance(conds, str):
+            why[n] = conds
+        else:
             complements[n] = conds
             del mixed[n]
     what = f"defaultErrnoRet {d} ({_errno_name(d)})"
     if mixed:
-        listed = ", ".join(f"{n} ({', '.join(arches)})" for n, arches in mixed.items())
+        listed = "; ".join(
+            f"{n} ({', '.join(arches)}): {why[n]}" for n, arches in mixed.items()
+        )
         if not allow_errno_degrade:
             raise UnsupportedByRuntime(
                 f"{what} cannot be kept exactly on {caps.description}: its NRI drops "
@@ -301,90 +311,137 @@ def _materialise(
     return tuple(names), tuple(complements)
 
 
-_M32 = 0xFFFFFFFF
-#: beyond this many rules for one syscall, refuse rather than bloat the filter
-_MAX_COMPLEMENT_RULES = 32
+#: beyond this many rules for one syscall, refuse rather than bloat the filter (Debian's
+#: personality takes 83; the filter must also stay within the kernel's 4096 instructions)
+_MAX_COMPLEMENT_RULES = 256
+#: a gap between two compared high words whose low words reach the default only in part
+#: is written one high word at a time, for at most this many high words
+_MAX_HIGH_WORDS = 4
+
+_Region = tuple[int | None, list[argset.Range]]
 
 
 def _default_region(
     policy: nri_pb2.LinuxSeccomp, name: str, default: tuple[str, int | None]
-) -> list[tuple[int, str, int, int]] | None:
+) -> list[tuple[int, str, int, int]] | str:
     """Conditions (index, op, value, valueTwo), one rule each, that match exactly the
-    calls of ``name`` that reach the default action; None if that takes more than
-    one 32-bit argument word, differs between architectures, or needs too many rules."""
-    found: list[tuple[int, str, int, int]] | None = None
+    calls of ``name`` that reach the default action on every architecture, or why
+    there are none (a short reason)."""
+    wide: dict[str, list[argset.Range]] = {}
+    narrow: dict[str, list[argset.Range]] = {}
+    indexes: set[int] = set()
     for arch in libseccomp.policy_arches(policy):
         if name not in libseccomp.known_syscalls(arch):
             continue
-        outcomes = bpf.syscall_outcomes(policy, arch, name)
-        offsets = {off for probe in outcomes for off, _ in probe}
-        if len(offsets) != 1:
-            return None
-        (off,) = offsets
-        index, high = bpf.word_of(arch, off)
-        if high:
-            return None
-        seen = {dict(p).get(off, 0) for p in outcomes}
-        # every compared constant is in seen with its neighbours; between two
-        # points the filter's answer is constant if it is at both ends of the gap
-        points = set(seen) | {0, _M32}
-        for v in sorted(seen):
-            points.update(x for x in (v - 1, v + 1) if 0 <= x <= _M32)
-        ordered = sorted(points)
-        edges = {a + 1 for a, b in itertools.pairwise(ordered) if b - a > 1}
-        edges |= {b - 1 for a, b in itertools.pairwise(ordered) if b - a > 1}
-        probes = {v: (((off, v),) if v else ()) for v in points | edges}
-        acts = bpf.syscall_outcomes(policy, arch, name, extra=probes.values())
-        at = {v: acts[p] for v, p in probes.items()}
-        hits: list[tuple[int, int]] = []
-        for a, b in itertools.pairwise(ordered):
-            if at[a] == default:
-                hits.append((a, a))
-            if b - a > 1:
-                if at[a + 1] != at[b - 1]:
-                    return None
-                if at[a + 1] == default:
-                    hits.append((a + 1, b - 1))
-        if at[ordered[-1]] == default:
-            hits.append((ordered[-1], ordered[-1]))
-        conds = _conditions(index, _merge(hits))
-        if len(conds) > _MAX_COMPLEMENT_RULES or (found is not None and conds != found):
-            return None
-        found = conds
-    return found
+        found = _region_on(policy, arch, name, default)
+        if isinstance(found, str):
+            return found
+        index, ranges = found
+        if index is not None:
+            indexes.add(index)
+        (wide if vocabulary.ARCHES[arch].bits == 64 else narrow)[arch] = ranges
+    if len(indexes) != 1:
+        return (
+            "its rules compare different arguments on different architectures"
+            if indexes
+            else "it reaches the default action on some architectures only"
+        )
+    (index,) = indexes
+    for group in (wide, narrow):
+        if len({tuple(r) for r in group.values()}) > 1:
+            return f"it reaches the default for different values on {', '.join(group)}"
+    conds: list[argset.Cond] | None
+    if wide:
+        (region,) = {tuple(r) for r in wide.values()}
+        low = list(next(iter(narrow.values()))) if narrow else None
+        if low is not None and low != argset.intersect(region, 0, argset.M32):
+            return (
+                "its 32-bit architectures reach the default for other values than the low "
+                "32 bits of its 64-bit ones"
+            )
+        conds = argset.encode(region, low)
+        if conds is None:
+            return (
+                "its values above 32 bits cannot be written without changing 32-bit "
+                "architectures, where libseccomp compares only the low 32 bits"
+            )
+    else:
+        conds = argset.conditions(next(iter(narrow.values())), 32)
+    if len(conds) > _MAX_COMPLEMENT_RULES:
+        return f"it would take {len(conds)} rules (at most {_MAX_COMPLEMENT_RULES})"
+    return [(index, op, value, value_two) for op, value, value_two in conds]
 
 
-def _merge(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    merged: list[tuple[int, int]] = []
-    for lo, hi in sorted(intervals):
-        if merged and lo <= merged[-1][1] + 1:
-            merged[-1] = (merged[-1][0], max(hi, merged[-1][1]))
+def _points(constants: set[int], full: int) -> tuple[list[int], list[tuple[int, int]]]:
+    """The values worth evaluating for a word compared with ``constants`` (each with its
+    neighbours, and both ends), sorted, and the gaps between them (as first, last)."""
+    points = {0, full}
+    for v in constants:
+        points.update(x for x in (v - 1, v, v + 1) if 0 <= x <= full)
+    ordered = sorted(points)
+    gaps = [(a + 1, b - 1) for a, b in itertools.pairwise(ordered) if b - a > 1]
+    return ordered, gaps
+
+
+def _region_on(
+    policy: nri_pb2.LinuxSeccomp, arch: str, name: str, default: tuple[str, int | None]
+) -> _Region | str:
+    """The values of the one argument ``name`` is decided by on ``arch`` (index, or None
+    when no argument matters) for which the filter reaches ``default``, as ranges.
+
+    The filter compares each 32-bit word of the argument with constants; between two
+    consecutive constants (and their neighbours) its answer is taken to be constant, which
+    is checked at both ends of every gap. Masked comparisons can break that assumption
+    without the check seeing it: the comparison of the two filters (``_verify``) does.
+    """
+    bits = vocabulary.ARCHES[arch].bits
+    outcomes = bpf.syscall_outcomes(policy, arch, name)
+    words = {off: bpf.word_of(arch, off) for probe in outcomes for off, _ in probe}
+    if not words:
+        reached = next(iter(outcomes.values())) == default
+        return None, [(0, argset.top(bits))] if reached else []
+    indexes = {index for index, _ in words.values()}
+    if len(indexes) > 1:
+        args = ", ".join(str(i) for i in sorted(indexes))
+        return f"its rules compare more than one argument ({args})"
+    (index,) = indexes
+    low = {v for p in outcomes for off, v in p if not words[off][1]}
+    high = {v for p in outcomes for off, v in p if words[off][1]}
+    lows, low_gaps = _points(low, argset.M32)
+    if bits == 64:
+        highs, high_gaps = _points(high, argset.M32)
+    else:
+        highs, high_gaps = [0], []
+    low_reps = sorted(set(lows).union(*low_gaps))
+    high_reps = sorted(set(highs).union(*high_gaps))
+    probes = {
+        (h, lo): bpf.probe_for(arch, {index: h << 32 | lo}) for h in high_reps for lo in low_reps
+    }
+    acts = bpf.syscall_outcomes(policy, arch, name, extra=probes.values())
+    hit = {key: acts[p] == default for key, p in probes.items()}
+
+    def low_set(h: int) -> list[argset.Range] | None:
+        ranges = [(lo, lo) for lo in lows if hit[h, lo]]
+        for a, b in low_gaps:
+            if hit[h, a] != hit[h, b]:
+                return None
+            if hit[h, a]:
+                ranges.append((a, b))
+        return argset.normalise(ranges, 32)
+
+    region: list[argset.Range] = []
+    cells = [(h, h) for h in highs] + high_gaps
+    for first, last in cells:
+        got = low_set(first)
+        if got is None or (last != first and low_set(last) != got):
+            return "its filter's answer changes between the values it compares"
+        if got == [(0, argset.M32)]:
+            region.append((first << 32, last << 32 | argset.M32))
+        elif got and last - first >= _MAX_HIGH_WORDS:
+            return "the values reaching the default are not a few ranges"
         else:
-            merged.append((lo, hi))
-    return merged
-
-
-def _conditions(index: int, intervals: list[tuple[int, int]]) -> list[tuple[int, str, int, int]]:
-    conds: list[tuple[int, str, int, int]] = []
-    for lo, hi in intervals:
-        if lo == hi:
-            conds.append((index, "SCMP_CMP_EQ", lo, 0))
-        elif hi == _M32:
-            conds.append((index, "SCMP_CMP_GE", lo, 0))
-        elif lo == 0:
-            conds.append((index, "SCMP_CMP_LE", hi, 0))
-        else:
-            # aligned power-of-two blocks, one masked comparison each
-            while lo <= hi:
-                size = lo & -lo or 1 << 32
-                while lo + size - 1 > hi:
-                    size >>= 1
-                if size == 1:
-                    conds.append((index, "SCMP_CMP_EQ", lo, 0))
-                else:
-                    conds.append((index, "SCMP_CMP_MASKED_EQ", _M32 & ~(size - 1), lo))
-                lo += size
-    return conds
+            region += [(h << 32 | a, h << 32 | b) for h in range(first, last + 1) for a, b in got]
+    return index, argset.normalise(region, bits)
 
 
 def _verify(
@@ -441,13 +498,41 @@ def _differences(a: nri_pb2.LinuxSeccomp, b: nri_pb2.LinuxSeccomp) -> list[_Diff
         return [(", ".join(arches_a), "(architectures)", None, None)]
     out: list[_Diff] = []
     for arch in arches_a:
-        ta = bpf.action_table(a, arch, probe_with=[b])
-        tb = bpf.action_table(b, arch, probe_with=[a])
+        edges = _boundary_probes((a, b), arch)
+        ta = bpf.action_table(a, arch, probe_with=[b], extra=edges)
+        tb = bpf.action_table(b, arch, probe_with=[a], extra=edges)
         for key in sorted(ta.keys() | tb.keys()):
             va, vb = ta.get(key), tb.get(key)
             if va != vb:
                 out.append((arch, key, va, vb))
     return out
+
+
+def _boundary_probes(
+    policies: Sequence[nri_pb2.LinuxSeccomp], arch: str
+) -> dict[str, list[bpf.Probe]]:
+    """Per syscall, the edges of every condition of the policies' rules on ``arch``: the
+    lowest and highest value each matches and the values next to them, one argument at a
+    time, so that a wrong block cannot hide between the values the filters compare.
+    A 32-bit architecture sees what libseccomp compares there: the low 32 bits."""
+    bits = vocabulary.ARCHES[arch].bits
+    known = set(libseccomp.known_syscalls(arch))
+    found: dict[str, set[bpf.Probe]] = {}
+    for policy in policies:
+        for rule in policy.syscalls:
+            names = [n for n in rule.names if n in known]
+            if not rule.args or not names:
+                continue
+            probes: set[bpf.Probe] = set()
+            for cond in rule.args:
+                c = (cond.op, cond.value, cond.value_two)
+                if bits == 32:
+                    c = argset.truncated(c)
+                edges = argset.boundaries(c, bits)
+                probes.update(bpf.probe_for(arch, {cond.index: v}) for v in edges)
+            for n in names:
+                found.setdefault(n, set()).update(probes)
+    return {n: sorted(p) for n, p in found.items()}
 
 
 def differences(a: nri_pb2.LinuxSeccomp, b: nri_pb2.LinuxSeccomp) -> list[str]:

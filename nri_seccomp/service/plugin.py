@@ -191,9 +191,11 @@ class SeccompPlugin:
         try:
             answer = await self._seccomp_for(pod, container, wait_until, found)
         except Refusal as exc:
-            # one line per decision: CRI-O's "Found …" line, then what became of it
-            log.error("%srefusing container %s/%s/%s: %s", "".join(f"{f}; " for f in found),
-                      pod.namespace, pod.name, container.name, exc)
+            # one line per decision: CRI-O's "Found …" line, then what became of it; a
+            # "retry" is the normal first answer for a profile not ready yet, not an error
+            log.log(logging.INFO if exc.kind is Kind.RETRY else logging.ERROR,
+                    "%srefusing container %s/%s/%s: %s", "".join(f"{f}; " for f in found),
+                    pod.namespace, pod.name, container.name, exc)
             raise
         return None if answer is None else answer.adjustment
 
