@@ -109,7 +109,7 @@ def test_degrade_switch_applies_eperm_with_a_warning(
     async def scenario() -> tuple[driver.CreateResult, str]:
         config = base_config(tmp_path / "cache", registry.address, "allow_errno_degrade: true\n")
         async with plugin(config, runtime=driver.RuntimeVersion.containerd("v2.2.4")) as s:
-            result = await s.conn.create_container(pod({f"{KEY_V1}/POD": ref}), container())
+            *_, result = await until_settled(s.conn, pod({f"{KEY_V1}/POD": ref}), container())
         return result, s.log
 
     result, log = run(scenario(), timeout=120)
@@ -138,7 +138,7 @@ def test_large_answers_are_readable_by_containerd(registry: LocalRegistry, tmp_p
     async def scenario() -> driver.CreateResult:
         config = base_config(tmp_path / "cache", registry.address)
         async with plugin(config, runtime=driver.RuntimeVersion.containerd(version)) as s:
-            result = await s.conn.create_container(pod({f"{KEY_V1}/POD": ref}), container())
+            *_, result = await until_settled(s.conn, pod({f"{KEY_V1}/POD": ref}), container())
             assert s.conn.closed is None
         return result
 
