@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from nri_seccomp.nri.pb import nri_pb2
@@ -39,15 +40,15 @@ class LazySeccompPlugin:
     def __init__(self, config_path: str | None = None) -> None:
         self._config_path = config_path
         self._real: SeccompPlugin | None = None
-        self._loading: asyncio.Task[SeccompPlugin] | None = None
+        # starts now, in a thread: by the time Configure arrives the import is mostly
+        # done, and the event loop serves the registration meanwhile
+        pool = ThreadPoolExecutor(1, thread_name_prefix="load")
+        self._loading: Future[SeccompPlugin] = pool.submit(_load, config_path)
+        pool.shutdown(wait=False)
 
     async def _plugin(self) -> SeccompPlugin:
         if self._real is None:
-            if self._loading is None:
-                # a thread: the loop keeps serving the registration meanwhile
-                self._loading = asyncio.create_task(
-                    asyncio.to_thread(_load, self._config_path))
-            self._real = await self._loading
+            self._real = await asyncio.wrap_future(self._loading)
         return self._real
 
     async def configure(self, text: str, runtime: RuntimeInfo) -> None:

@@ -100,7 +100,9 @@ class SeccompPlugin:
         )
         if self.services is None:
             assert fetcher is not None
-            self.services = wiring.services(cfg, fetcher)
+            # the worker pool's fork server and the disk cache's scan take a while:
+            # off the event loop
+            self.services = await asyncio.to_thread(wiring.services, cfg, fetcher)
         elif fetcher is not None:
             old = self.services.store.set_fetcher(fetcher)
             self.services.images.set_fetcher(fetcher)
