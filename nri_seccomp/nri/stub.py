@@ -227,6 +227,7 @@ class Stub:
         if self._sock is not None:
             reader, writer = await asyncio.open_connection(sock=self._sock)
             await self._session(reader, writer)
+            log.info("the runtime closed the connection; exiting")
             return
         backoff = 0.1
         while not self._shutdown:
