@@ -43,6 +43,8 @@ OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
 #: bytes per ReadContentResponse: small, so that reads take several messages
 CHUNK = 256
+#: seconds Images/Get holds an image whose repository has a "hang" component
+HANG = 10.0
 
 
 class _State:
@@ -85,6 +87,8 @@ class Images(images_pb2_grpc.ImagesServicer):
 
     def Get(self, request: Any, context: grpc.ServicerContext) -> Any:
         self.state.log(f"Images/Get {request.name}")
+        if "/hang/" in request.name:  # a containerd that never answers this one
+            time.sleep(HANG)
         found = self.state.images().get(request.name) if self.state.check_namespace(
             context) else None
         if found is None:

@@ -3,7 +3,12 @@ Debian's default seccomp profile."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+
+# before grpc is imported (devtools.fakecontainerd, the client tests): this process forks
+# the plugin with a preexec_fn while grpc's threads may be busy; see nri_seccomp.containerd
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import pytest
 

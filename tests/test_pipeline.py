@@ -347,6 +347,26 @@ def test_unreadable_image_annotations_fail_closed(
         assert cause in log and "ignoring image annotations" in log
 
 
+def test_hanging_containerd_is_answered_in_time(
+        registry: LocalRegistry, containerd: FakeContainerd, artifacts: dict[str, str],
+        tmp_path: Path) -> None:
+    """containerd holds Images/Get: the creation is answered "retry" within answer_wait
+    (fail closed), and a container of another image is served meanwhile."""
+    config = base_config(tmp_path / "cache", registry.address,
+                         f"containerd_socket: {containerd.socket}\n")
+
+    async def scenario() -> list[driver.CreateResult]:
+        async with plugin(config) as session:
+            return [await session.conn.create_container(
+                pod(), container("app", image=image))
+                for image in (f"{registry.address}/hang/img:1", artifacts["image-bare"])]
+
+    hung, other = run(scenario())
+    assert hung.fatal is None and hung.latency < 1.5
+    assert hung.error is not None and "are still being read, retry" in hung.error.message
+    assert other.error is None and other.seccomp == expected_seccomp()
+
+
 def test_image_annotations_from_the_registry_when_chosen(
         registry: LocalRegistry, tmp_path: Path) -> None:
     """The opt-in source for runtimes without a reachable content store: the registry's
