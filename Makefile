@@ -4,7 +4,10 @@ SYSTEM_PYTHON ?= python3
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 APT_PACKAGES := docker-registry libseccomp2 skopeo golang-github-containers-common
-PROTO_FILES := $(wildcard proto/nri_seccomp/nri/pb/*.proto)
+PROTO_FILES := $(wildcard proto/nri_seccomp/nri/pb/*.proto) \
+	$(wildcard proto/nri_seccomp/containerd/pb/*.proto)
+# the containerd services the plugin calls over gRPC (images, content) also get stubs
+GRPC_PROTO_FILES := $(wildcard proto/nri_seccomp/containerd/pb/*.proto)
 
 .PHONY: deps proto test lint demo bench install clean
 
@@ -23,9 +26,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m pip install -q -e ".[dev]"
 	touch $@
 
-# Regenerate the protobuf message code from our .proto files.
+# Regenerate the protobuf message code (and the gRPC stubs) from our .proto files.
 proto: $(VENV)/.installed
 	$(PYTHON) -m grpc_tools.protoc -I proto --python_out=. --pyi_out=. $(PROTO_FILES)
+	$(PYTHON) -m grpc_tools.protoc -I proto --grpc_python_out=. \
+	  $(filter-out %/descriptor.proto,$(GRPC_PROTO_FILES))
 
 test: deps
 	$(PYTHON) -m pytest -q -p no:cacheprovider

@@ -63,7 +63,10 @@ class RuntimeVersion:
             return cls(version=version, nri_version="", applies_seccomp=False)
         if parts < (2, 3, 0):
             return cls(version=version, nri_version="", crashes_on_errno_ret=True)
-        return cls(version=version, nri_version="v0.12.0")
+        if parts < (2, 4, 0) or "-" in version:
+            return cls(version=version, nri_version="v0.12.0")
+        # 2.4.0: NRI v0.12.3 (Container.image filled); default_errno still dropped
+        return cls(version=version, nri_version="v0.12.3")
 
 
 @dataclass

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from devtools.tokenserver import TokenServer
 
 SECCOMP_CONFIG = "application/vnd.cncf.seccomp-profile.config.v1+json"
+EMPTY_CONFIG = "application/vnd.oci.empty.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
@@ -340,8 +341,11 @@ class LocalRegistry:
         layer_size: int | None = None,
         manifest_media_type: str | None = OCI_MANIFEST,
         annotations: dict[str, str] | None = None,
+        artifact_type: str | None = None,
     ) -> str:
         """The CRI-O blog's artifact shape by default; returns the manifest digest.
+        KEP-6061's typed form: ``config_media_type=EMPTY_CONFIG, config_bytes=b"{}",
+        artifact_type=SECCOMP_CONFIG``.
 
         Deliberately wrong shapes: ``layers=0`` (no layers; more than one adds
         variants of the profile after it), ``layer_size`` (the descriptor
@@ -362,6 +366,8 @@ class LocalRegistry:
         manifest: dict[str, Any] = {"schemaVersion": 2}
         if manifest_media_type is not None:
             manifest["mediaType"] = manifest_media_type
+        if artifact_type is not None:
+            manifest["artifactType"] = artifact_type
         manifest["config"] = {"mediaType": config_media_type, "digest": config_digest,
                               "size": len(config_bytes)}
         manifest["layers"] = layer_descs

@@ -67,10 +67,19 @@ class Config:
     when_profile_unknown: str = "refuse"
     #: on a runtime that cannot carry a per-syscall errno, send EPERM instead (warned)
     allow_errno_degrade: bool = False
-    #: look up image annotations in the image's manifest at its registry
+    #: read CRI-O's image annotations (the image's manifest) for containers that could
+    #: take the profile they name
     image_annotations: bool = True
-    #: when image annotations cannot be read: "ignore" (warn) or "refuse"
-    image_annotations_on_error: str = "ignore"
+    #: where image annotations come from: "containerd" (the manifest the node pulled, from
+    #: containerd's content store) or "registry" (what the image's registry serves now)
+    image_annotations_source: str = "containerd"
+    #: when image annotations cannot be read: "refuse" the creation (fail closed) or
+    #: "ignore" them (warn; the container may run without the profile its image names)
+    image_annotations_on_error: str = "refuse"
+    #: containerd's gRPC socket (image_annotations_source: containerd)
+    containerd_socket: str = "/run/containerd/containerd.sock"
+    #: the containerd namespace CRI images live in
+    containerd_namespace: str = "k8s.io"
     #: accept profiles with listenerPath / SCMP_ACT_NOTIFY (a host socket runc connects to)
     allow_listener: bool = False
     #: force runtime capabilities (a distribution that backported a fix)
@@ -106,7 +115,8 @@ class Config:
 _CHOICES = {
     "unknown_syscalls": ("refuse", "warn"),
     "when_profile_unknown": ("refuse", "apply"),
-    "image_annotations_on_error": ("ignore", "refuse"),
+    "image_annotations_on_error": ("refuse", "ignore"),
+    "image_annotations_source": ("containerd", "registry"),
     "log_level": ("debug", "info", "warning", "error"),
 }
 
@@ -206,6 +216,8 @@ def _value(key: str, value: Any, where: str, default: Any) -> Any:
         return None
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{where}: expected a non-empty string, got {_kind(value)}")
+    if key == "containerd_socket" and not value.startswith("/"):
+        raise ConfigError(f"{where}: {value!r} must be an absolute path to a unix socket")
     return value
 
 

@@ -14,10 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nri_seccomp import config
+from nri_seccomp.containerd.client import ContainerdImages
 from nri_seccomp.registry.client import ArtifactFetcher, FetchSettings
 from nri_seccomp.seccomp import select
 from nri_seccomp.seccomp.worker import Budget, SeccompWorkers
-from nri_seccomp.service.images import ImageAnnotations
+from nri_seccomp.service.images import (
+    AnnotationSource,
+    ContainerdSource,
+    ImageAnnotations,
+    RegistrySource,
+)
 from nri_seccomp.service.store import ProfileStore, StoreSettings
 from nri_seccomp.storage.cache import Cache, CacheError
 
@@ -32,6 +38,7 @@ class Services:
     disk_executor: ThreadPoolExecutor
 
     async def aclose(self) -> None:
+        await self.images.source.aclose()
         await self.workers.aclose()
         self.disk_executor.shutdown(wait=False, cancel_futures=True)
 
@@ -51,6 +58,18 @@ def fetcher(reg: config.RegistrySettings) -> ArtifactFetcher:
             token_realm_hosts=reg.token_realm_hosts,
         )
     )
+
+
+def image_source(cfg: config.Config, client: ArtifactFetcher) -> AnnotationSource:
+    """Where image annotations are read: containerd's content store, or (opt-in) registries."""
+    if cfg.image_annotations_source == "registry":
+        return RegistrySource(client)
+    return ContainerdSource(ContainerdImages(cfg.containerd_socket, cfg.containerd_namespace))
+
+
+def image_source_settings(cfg: config.Config) -> tuple[str, str, str]:
+    """What ``image_source`` depends on besides the registry client."""
+    return cfg.image_annotations_source, cfg.containerd_socket, cfg.containerd_namespace
 
 
 def store_settings(cfg: config.Config) -> StoreSettings:
@@ -83,5 +102,5 @@ def services(cfg: config.Config, client: ArtifactFetcher) -> Services:
         disk = None
     store = ProfileStore(client, disk, disk_executor, workers, store_settings(cfg),
                          select.node_context())
-    return Services(store, ImageAnnotations(client, cfg.image_lookup_concurrency), workers,
-                    disk_executor)
+    images = ImageAnnotations(image_source(cfg, client), cfg.image_lookup_concurrency)
+    return Services(store, images, workers, disk_executor)

@@ -3,10 +3,16 @@ Debian's default seccomp profile."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+
+# before grpc is imported (devtools.fakecontainerd, the client tests): this process forks
+# the plugin with a preexec_fn while grpc's threads may be busy; see nri_seccomp.containerd
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import pytest
 
+from devtools.fakecontainerd import FakeContainerd
 from devtools.registry import LocalRegistry
 from tests.profiles import SYSTEM_PROFILE
 
@@ -33,6 +39,13 @@ def token_registry() -> Iterator[LocalRegistry]:
     """docker-registry with token (Bearer) authentication; its token server knows REGISTRY_USER."""
     with LocalRegistry(users=dict([REGISTRY_USER]), token_auth=True) as reg:
         yield reg
+
+
+@pytest.fixture(scope="module")
+def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeContainerd]:
+    """containerd's images and content services (devtools.fakecontainerd), on a unix socket."""
+    with FakeContainerd(tmp_path_factory.mktemp("ctrd")) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -86,13 +86,18 @@ def container(
     profile: str | None = None,
     annotations: dict[str, str] | None = None,
     image: str = "",
+    image_digest: str = "",
 ) -> nri_pb2.Container:
     """A container as containerd describes it; ``profile`` is None (unset), "unconfined",
-    "runtime-default" or "localhost"."""
+    "runtime-default" or "localhost". ``image_digest`` fills ``Container.image`` as
+    containerd 2.4 (NRI v0.12.2) does, with ``image`` as its name."""
     c = nri_pb2.Container(id=f"id-{name}", pod_sandbox_id="pod-id", name=name,
                           annotations=annotations or {})
     if image:
         c.annotations["io.kubernetes.cri.image-name"] = image
+    if image_digest:
+        c.image.name = image
+        c.image.digest = image_digest
     if profile is not None:
         types = nri_pb2.SecurityProfile
         c.linux.seccomp_profile.profile_type = {

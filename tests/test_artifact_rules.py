@@ -29,6 +29,11 @@ DATA_DIGEST = "sha256:" + hashlib.sha256(DATA).hexdigest()
 CAP = 1024
 
 
+APPARMOR = "application/vnd.cncf.apparmor-profile.config.v1+json"
+EMPTY = {"mediaType": EMPTY_CONFIG_MEDIA_TYPE, "digest": "sha256:" + hashlib.sha256(
+    b"{}").hexdigest(), "size": 2}
+
+
 def body(**changes: Any) -> dict[str, Any]:
     """A valid profile artifact's manifest, with ``changes`` (None deletes a key)."""
     base: dict[str, Any] = {
@@ -73,17 +78,37 @@ REFUSED = [
     ("manifest media type", body(mediaType="text/plain"), "",
      f"manifest media type is 'text/plain', expected '{OCI_MANIFEST}'"),
     ("config missing", body(config=None), "",
-     f"config media type is missing, expected '{SECCOMP_CONFIG_MEDIA_TYPE}'"),
+     f"config media type is missing; expected '{SECCOMP_CONFIG_MEDIA_TYPE}' as either, with "
+     "an empty config for artifactType"),
     ("config not an object", body(config="x"), "", "config media type is missing"),
     ("config type not a string", body(config={"mediaType": 7}), "",
      "config media type is missing"),
-    ("empty config", body(config={"mediaType": EMPTY_CONFIG_MEDIA_TYPE}), "",
-     "(an artifact with an empty config; push with --config "
-     f"config.json:{SECCOMP_CONFIG_MEDIA_TYPE})"),
+    ("empty config, no artifactType", body(config={"mediaType": EMPTY_CONFIG_MEDIA_TYPE}), "",
+     f"config media type is '{EMPTY_CONFIG_MEDIA_TYPE}'; expected"),
+    ("empty config, hint", body(config={"mediaType": EMPTY_CONFIG_MEDIA_TYPE}), "",
+     f"(an artifact with an empty config; push with --artifact-type "
+     f"{SECCOMP_CONFIG_MEDIA_TYPE})"),
+    ("empty config, other artifactType", body(config={"mediaType": EMPTY_CONFIG_MEDIA_TYPE},
+                                              artifactType=APPARMOR), "",
+     f"config media type is '{EMPTY_CONFIG_MEDIA_TYPE}', artifactType '{APPARMOR}'; expected"),
     ("unknown config", body(config={"mediaType": UNKNOWN_CONFIG_MEDIA_TYPE}), "",
-     "(pushed without a config media type; push with --config"),
+     f"config media type is '{UNKNOWN_CONFIG_MEDIA_TYPE}'; expected"),
+    ("unknown config, hint", body(config={"mediaType": UNKNOWN_CONFIG_MEDIA_TYPE}), "",
+     "(pushed without a config media type; push with --artifact-type"),
+    # the kind is the config's when the config is not empty: artifactType cannot make it so
+    ("unknown config, seccomp artifactType",
+     body(config={"mediaType": UNKNOWN_CONFIG_MEDIA_TYPE}, artifactType=SECCOMP_CONFIG_MEDIA_TYPE),
+     "", f"config media type is '{UNKNOWN_CONFIG_MEDIA_TYPE}', artifactType "
+     f"'{SECCOMP_CONFIG_MEDIA_TYPE}'; expected"),
     ("image config", body(config={"mediaType": "application/vnd.oci.image.config.v1+json"}),
-     "", "config media type is 'application/vnd.oci.image.config.v1+json', expected"),
+     "", "config media type is 'application/vnd.oci.image.config.v1+json'; expected"),
+    ("seccomp config, contradicting artifactType", body(artifactType=APPARMOR), "",
+     f"artifactType '{APPARMOR}' contradicts the config media type"),
+    ("typed, two layers", body(config=EMPTY, artifactType=SECCOMP_CONFIG_MEDIA_TYPE,
+                               layers=[*layer(), *layer()]), "",
+     "artifact has 2 layers; a KEP-6061 seccomp profile artifact has exactly one"),
+    ("typed, no layers", body(config=EMPTY, artifactType=SECCOMP_CONFIG_MEDIA_TYPE,
+                              layers=[]), "", "artifact has no layers"),
     ("no layers key", body(layers=None), "", "artifact has no layers"),
     ("empty layers", body(layers=[]), "", "artifact has no layers"),
     ("layers not a list", body(layers={"digest": DATA_DIGEST}), "", "artifact has no layers"),
@@ -126,6 +151,20 @@ ACCEPTED = [
     ("size at the cap", body(layers=layer(size=CAP)), ""),
     ("sha512 layer", body(layers=layer(digest="sha512:" + "a" * 128)), ""),
     ("only the first layer counts", body(layers=[*layer(), {"digest": "bad"}]), ""),
+    # SPO since #3421: seccomp config and the same artifactType, layer application/json
+    ("seccomp config and artifactType",
+     body(artifactType=SECCOMP_CONFIG_MEDIA_TYPE, layers=layer(mediaType="application/json")),
+     ""),
+    # KEP-6061's typed form: the empty config, the kind in artifactType, any layer type
+    ("typed: empty config + artifactType", body(config=EMPTY,
+                                                artifactType=SECCOMP_CONFIG_MEDIA_TYPE), ""),
+    ("typed, layer application/json", body(config=EMPTY, artifactType=SECCOMP_CONFIG_MEDIA_TYPE,
+                                           layers=layer(mediaType="application/json")), ""),
+    ("typed, layer without a media type", body(config=EMPTY,
+                                               artifactType=SECCOMP_CONFIG_MEDIA_TYPE,
+                                               layers=layer()), ""),
+    ("typed, odd layer media type", body(config=EMPTY, artifactType=SECCOMP_CONFIG_MEDIA_TYPE,
+                                         layers=layer(mediaType="x/anything")), ""),
 ]
 
 

@@ -96,7 +96,7 @@ def test_wrong_config_media_type_refused(registry: LocalRegistry, media_type: st
     registry.push_profile(repo, "t", PROFILE, config_media_type=media_type)
     with pytest.raises(errors.InvalidArtifact) as info:
         fetch(fetcher(registry.address), parse(f"{registry.address}/{repo}:t"))
-    assert (f"config media type is {media_type!r}, expected "
+    assert (f"config media type is {media_type!r}; expected "
             "'application/vnd.cncf.seccomp-profile.config.v1+json'") in str(info.value)
     assert hint in str(info.value)
     assert registry.count("blobs", repo) == 0

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from nri_seccomp.config import Config, ConfigError, RegistrySettings, load
+from nri_seccomp.config import Config, ConfigError, RegistrySettings, load, load_file
 
 
 def test_empty_text_gives_defaults() -> None:
@@ -83,9 +85,29 @@ def test_registry_defaults_allow_nothing() -> None:
         ("runtime_overrides: {errno_ret_safe: 1}", "runtime_overrides.errno_ret_safe: expected "
          "true or false, got int 1"),
         ("cache_max_bytes: 10", "cache_max_bytes: 10 is out of range"),
+        ("image_annotations_source: cri",
+         "image_annotations_source: expected one of containerd, registry, got 'cri'"),
+        ("image_annotations_on_error: warn",
+         "image_annotations_on_error: expected one of refuse, ignore, got 'warn'"),
+        ("containerd_socket: run/containerd.sock",
+         "containerd_socket: 'run/containerd.sock' must be an absolute path"),
+        ("containerd_namespace: ''", "containerd_namespace: expected a non-empty string"),
     ],
 )
 def test_bad_values(text: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         load(text)
     assert message in str(info.value)
+
+
+def test_image_annotations_fail_closed_from_containerd_by_default() -> None:
+    cfg = load("")
+    assert (cfg.image_annotations_source, cfg.image_annotations_on_error,
+            cfg.containerd_socket, cfg.containerd_namespace) == (
+        "containerd", "refuse", "/run/containerd/containerd.sock", "k8s.io")
+
+
+def test_sample_configuration_lists_the_defaults() -> None:
+    """config/nri-seccomp.yaml says "the values below are the defaults": keep it true."""
+    sample = Path(__file__).resolve().parent.parent / "config" / "nri-seccomp.yaml"
+    assert load_file(sample) == Config()

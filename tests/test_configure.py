@@ -12,6 +12,7 @@ from nri_seccomp.decide.reference import parse
 from nri_seccomp.errors import Kind, Refusal
 from nri_seccomp.nri.stub import RuntimeInfo
 from nri_seccomp.registry import errors
+from nri_seccomp.service.images import Image
 from nri_seccomp.service.plugin import SeccompPlugin
 
 pytestmark = pytest.mark.integration  # real processes: plugin, registries, servers
@@ -20,7 +21,8 @@ RUNTIME = RuntimeInfo(name="containerd", version="v2.3.0", nri_version="v0.12.0"
 
 
 def config(cache: Path, allowed: str, extra: str = "") -> str:
-    return f"cache_dir: {cache}\nregistry: {{allowed: [{allowed}]}}\n{extra}"
+    return (f"cache_dir: {cache}\nregistry: {{allowed: [{allowed}]}}\n"
+            f"image_annotations_source: registry\n{extra}")
 
 
 def test_second_configure_replaces_the_registry_policy(tmp_path: Path) -> None:
@@ -37,7 +39,8 @@ def test_second_configure_replaces_the_registry_policy(tmp_path: Path) -> None:
                 config(tmp_path / "c", "'b.example/*'", "registry_concurrency: 2\n"), RUNTIME)
             with pytest.raises(errors.PolicyError, match="not in the allowed"):
                 plugin.services.store._fetcher.check_policy(ref)
-            assert await plugin.services.images.get(ref, 0.0) == {}  # image lookups follow too
+            # image lookups from the registry (opt-in) follow too
+            assert await plugin.services.images.get(Image(str(ref)), 0.0) == {}
             await plugin.configure(
                 config(tmp_path / "c", "'b.example/*'").replace(
                     "registry: {", "registry: {require_digest: true, "), RUNTIME)

@@ -417,7 +417,8 @@ def test_hanging_image_registry(tmp_path: Path, on_error: str, fails: bool) -> N
     """An unannotated pod whose image registry hangs: answered in time either way."""
     with BadRegistry("hang") as bad:
         config = base_config(tmp_path / "cache", bad.address,
-                             f"image_annotations_on_error: {on_error}\n")
+                             f"image_annotations_on_error: {on_error}\n"
+                             "image_annotations_source: registry\n")
 
         async def scenario() -> driver.CreateResult:
             async with plugin(config) as session:

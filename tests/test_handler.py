@@ -18,7 +18,7 @@ from nri_seccomp.decide import runtimes
 from nri_seccomp.decide.resolver import KEY_V1, KEY_V2
 from nri_seccomp.errors import Kind, Refusal
 from nri_seccomp.nri.pb import nri_pb2
-from nri_seccomp.service.images import ImageAnnotations
+from nri_seccomp.service.images import ImageAnnotations, RegistrySource
 from nri_seccomp.service.plugin import SeccompPlugin
 from nri_seccomp.service.store import ProfileStore
 
@@ -39,7 +39,8 @@ def handler(caps: runtimes.RuntimeCaps, registry: FakeRegistry,
     plugin.caps = caps
     store = ProfileStore(registry, FakeDisk(), None, InlineWorkers(),  # type: ignore[arg-type]
                          wiring.store_settings(plugin.config), NODE)
-    plugin.services = wiring.Services(store, ImageAnnotations(registry), InlineWorkers(),
+    images = ImageAnnotations(RegistrySource(registry))
+    plugin.services = wiring.Services(store, images, InlineWorkers(),
                                       ThreadPoolExecutor(1))  # type: ignore[arg-type]
     return plugin
 

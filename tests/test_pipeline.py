@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from devtools import driver
+from devtools.fakecontainerd import FakeContainerd
 from devtools.registry import LocalRegistry
 from nri_seccomp.decide.resolver import KEY_V1, KEY_V2
 from nri_seccomp.nri.pb import nri_pb2
@@ -44,13 +45,17 @@ def expected_seccomp() -> nri_pb2.LinuxSeccomp:
 
 
 @pytest.fixture(scope="module")
-def artifacts(registry: LocalRegistry) -> dict[str, str]:
+def artifacts(registry: LocalRegistry, containerd: FakeContainerd) -> dict[str, str]:
+    """The profile in the registry; the images as the node pulled them, in containerd's
+    content store (image annotations are read there, not at the registry)."""
     reg = registry.address
     registry.push_profile("crio/profile", "v1", json.dumps(PROFILE).encode())
-    registry.push_image("app/bare", "1", {KEY_V1: f"{reg}/crio/profile:v1"})
-    registry.push_image("app/pod", "1", {f"{KEY_V1}/POD": f"{reg}/crio/profile:v1"})
-    registry.push_image("app/ctr", "1", {f"{KEY_V1}/app": f"{reg}/crio/profile:v1"})
-    registry.push_image("app/none", "1", {})
+    for repo, image_annotations in [("app/bare", {KEY_V1: f"{reg}/crio/profile:v1"}),
+                                    ("app/pod", {f"{KEY_V1}/POD": f"{reg}/crio/profile:v1"}),
+                                    ("app/ctr", {f"{KEY_V1}/app": f"{reg}/crio/profile:v1"}),
+                                    ("app/none", {})]:
+        digest, size = containerd.add_manifest(image_annotations, seed=repo)
+        containerd.tag(f"{reg}/{repo}:1", digest, size)
     return {"profile": f"{reg}/crio/profile:v1", "image-bare": f"{reg}/app/bare:1",
             "image-pod": f"{reg}/app/pod:1", "image-ctr": f"{reg}/app/ctr:1",
             "wrong": f"{reg}/crio/wrong:v1"}
@@ -86,7 +91,8 @@ SCENARIOS = [
 
 @pytest.mark.parametrize(("pod_ann", "image", "profile", "extra", "expect", "line"),
                          [s[1:] for s in SCENARIOS], ids=[s[0] for s in SCENARIOS])
-def test_crio_scenarios(registry: LocalRegistry, artifacts: dict[str, str], tmp_path: Path,
+def test_crio_scenarios(registry: LocalRegistry, containerd: FakeContainerd,
+                        artifacts: dict[str, str], tmp_path: Path,
                         pod_ann: dict[str, str], image: str, profile: str | None, extra: str,
                         expect: str, line: str | None) -> None:
     fmt = {"k1": KEY_V1, "k2": KEY_V2, **{k.replace("-", "_"): v for k, v in artifacts.items()}}
@@ -95,7 +101,8 @@ def test_crio_scenarios(registry: LocalRegistry, artifacts: dict[str, str], tmp_
     annotations = {k.format(**fmt): v.format(**fmt) for k, v in pod_ann.items()}
 
     async def scenario() -> tuple[driver.CreateResult, str]:
-        config = base_config(tmp_path / "cache", registry.address, extra)
+        config = base_config(tmp_path / "cache", registry.address,
+                             f"containerd_socket: {containerd.socket}\n{extra}")
         async with plugin(config) as session:
             # the kubelet retries a "retry" answer; the scenario is about the final one
             *_, result = await until_settled(
@@ -232,34 +239,178 @@ def test_listener_profiles_need_the_administrator(registry: LocalRegistry, tmp_p
         assert result.seccomp.listener_path == "/run/containerd/containerd.sock"
 
 
-def test_image_registry_not_asked_when_pod_annotations_decide(registry: LocalRegistry,
-                                                             artifacts: dict[str, str],
-                                                             tmp_path: Path) -> None:
-    before = registry.requests_seen(r"GET /v2/app/bare/manifests/")
+def calls_for(server: FakeContainerd, *needles: str) -> int:
+    return sum(1 for c in server.calls() if any(n in c for n in needles))
+
+
+def test_containerd_not_asked_when_pod_annotations_decide(
+        registry: LocalRegistry, containerd: FakeContainerd, artifacts: dict[str, str],
+        tmp_path: Path) -> None:
+    before = len(containerd.calls())
 
     async def scenario() -> driver.CreateResult:
-        async with plugin(base_config(tmp_path / "cache", registry.address)) as session:
+        config = base_config(tmp_path / "cache", registry.address,
+                             f"containerd_socket: {containerd.socket}\n")
+        async with plugin(config) as session:
             return await session.conn.create_container(
                 pod({f"{KEY_V1}/POD": artifacts["profile"]}),
                 container("app", image=artifacts["image-bare"]))
 
     result = run(scenario())
     assert result.seccomp == expected_seccomp()
-    assert registry.requests_seen(r"GET /v2/app/bare/manifests/") == before
+    assert len(containerd.calls()) == before
 
 
 @pytest.mark.parametrize("profile", ["runtime-default", "localhost"])
 def test_ineligible_container_costs_no_image_lookup(
-    registry: LocalRegistry, artifacts: dict[str, str], tmp_path: Path, profile: str
+    registry: LocalRegistry, containerd: FakeContainerd, artifacts: dict[str, str],
+    tmp_path: Path, profile: str
 ) -> None:
-    """A container whose administrator chose its profile cannot take the image's: no lookup."""
-    before = registry.requests_seen(r"GET /v2/app/bare/manifests/")
+    """A container whose administrator chose its profile cannot take the image's: no lookup,
+    not even when containerd is down (the socket named does not exist)."""
+    before = len(containerd.calls())
+
+    async def scenario() -> list[driver.CreateResult]:
+        out = []
+        for socket in (containerd.socket, str(tmp_path / "down.sock")):
+            config = base_config(tmp_path / "cache", registry.address,
+                                 f"containerd_socket: {socket}\n")
+            async with plugin(config) as session:
+                out.append(await session.conn.create_container(
+                    pod(), container("app", profile, image=artifacts["image-bare"])))
+        return out
+
+    for result in run(scenario()):
+        assert result.error is None and result.seccomp is None
+    assert len(containerd.calls()) == before
+
+
+def test_image_by_digest_seen_once_costs_no_call(
+        registry: LocalRegistry, containerd: FakeContainerd, tmp_path: Path) -> None:
+    """containerd 2.4 sends Container.image.digest: an index is read once, its platform
+    manifest once, and later containers of the image cost no gRPC call at all."""
+    from nri_seccomp.containerd import platform
+    node = platform.node_platform()
+    plat = {"os": node.os, "architecture": node.architecture}
+    if node.variant:
+        plat["variant"] = node.variant
+    reg = registry.address
+    ours, ours_size = containerd.add_manifest(
+        {f"{KEY_V1}/app": f"{reg}/crio/profile:v1"}, seed="digest-ours")
+    other, other_size = containerd.add_manifest({}, seed="digest-other")
+    index, _ = containerd.add_index(
+        [(other, other_size, {"os": "linux", "architecture": "mips64le"}),
+         (ours, ours_size, plat)], {KEY_V1: f"{reg}/crio/wrong:v1"})  # index's: ignored
+    registry.push_profile("crio/profile", "v1", json.dumps(PROFILE).encode())
+
+    async def scenario() -> list[driver.CreateResult]:
+        config = base_config(tmp_path / "cache", registry.address,
+                             f"containerd_socket: {containerd.socket}\n")
+        async with plugin(config, runtime=driver.RuntimeVersion.containerd("v2.4.0")) as s:
+            return [await s.conn.create_container(
+                pod(), container("app", image=f"{reg}/app/multi:1", image_digest=index))
+                for _ in range(3)]
+
+    results = run(scenario())
+    assert all(r.error is None and r.seccomp == expected_seccomp() for r in results), results
+    assert calls_for(containerd, index, ours, "app/multi") == 2  # Read index, Read manifest
+    assert calls_for(containerd, other) == 0
+
+
+@pytest.mark.parametrize(("on_error", "socket"), [
+    ("default", "up"), ("default", "down"), ("ignore", "up"), ("ignore", "down")])
+def test_unreadable_image_annotations_fail_closed(
+        registry: LocalRegistry, containerd: FakeContainerd, tmp_path: Path,
+        on_error: str, socket: str) -> None:
+    """An image containerd cannot describe (not in its store, or containerd down) may name
+    a profile: the creation is refused, naming the image and the cause, unless the
+    operator chose ``image_annotations_on_error: ignore``."""
+    image = f"{registry.address}/app/unknown:1"
+    path = containerd.socket if socket == "up" else str(tmp_path / "down.sock")
+    extra = f"containerd_socket: {path}\n"
+    if on_error != "default":
+        extra += f"image_annotations_on_error: {on_error}\n"
+
+    async def scenario() -> tuple[driver.CreateResult, str]:
+        async with plugin(base_config(tmp_path / "cache", registry.address, extra)) as session:
+            result = await session.conn.create_container(pod(), container("app", image=image))
+        return result, session.log
+
+    result, log = run(scenario())
+    cause = ("not found in containerd (namespace k8s.io)" if socket == "up"
+             else f"containerd at {path} is unavailable")
+    if on_error == "default":
+        assert result.error is not None and result.seccomp is None
+        assert f"cannot read annotations of image {image}" in result.error.message
+        assert cause in result.error.message
+        assert "image_annotations_on_error: refuse" in result.error.message
+    else:
+        assert result.error is None and result.seccomp is None
+        assert cause in log and "ignoring image annotations" in log
+
+
+def test_hanging_containerd_is_answered_in_time(
+        registry: LocalRegistry, containerd: FakeContainerd, artifacts: dict[str, str],
+        tmp_path: Path) -> None:
+    """containerd holds Images/Get: the creation is answered "retry" within answer_wait
+    (fail closed), and a container of another image is served meanwhile."""
+    config = base_config(tmp_path / "cache", registry.address,
+                         f"containerd_socket: {containerd.socket}\n")
+
+    async def scenario() -> list[driver.CreateResult]:
+        async with plugin(config) as session:
+            return [await session.conn.create_container(
+                pod(), container("app", image=image))
+                for image in (f"{registry.address}/hang/img:1", artifacts["image-bare"])]
+
+    hung, other = run(scenario())
+    assert hung.fatal is None and hung.latency < 1.5
+    assert hung.error is not None and "are still being read, retry" in hung.error.message
+    assert other.error is None and other.seccomp == expected_seccomp()
+
+
+def test_image_annotations_from_the_registry_when_chosen(
+        registry: LocalRegistry, tmp_path: Path) -> None:
+    """The opt-in source for runtimes without a reachable content store: the registry's
+    manifest, and no containerd socket needed."""
+    reg = registry.address
+    registry.push_profile("crio/profile", "v1", json.dumps(PROFILE).encode())
+    registry.push_image("app/fromreg", "1", {KEY_V1: f"{reg}/crio/profile:v1"})
+    extra = ("image_annotations_source: registry\n"
+             f"containerd_socket: {tmp_path / 'down.sock'}\n")
+
+    async def scenario() -> driver.CreateResult:
+        async with plugin(base_config(tmp_path / "cache", reg, extra)) as session:
+            return await session.conn.create_container(
+                pod(), container("app", image=f"{reg}/app/fromreg:1"))
+
+    result = run(scenario())
+    assert result.error is None and result.seccomp == expected_seccomp()
+    assert registry.requests_seen(r"GET /v2/app/fromreg/manifests/1") >= 1
+
+
+@pytest.mark.parametrize("shape", ["typed", "untyped"])
+def test_kep6061_typed_artifact(registry: LocalRegistry, tmp_path: Path, shape: str) -> None:
+    """KEP-6061's typed form (the OCI empty config, the kind in artifactType, a JSON layer)
+    is applied; the same without artifactType is refused with its media types named."""
+    from devtools.registry import EMPTY_CONFIG, SECCOMP_CONFIG
+    repo = f"kep/{shape}"
+    registry.push_profile(repo, "v1", json.dumps(PROFILE).encode(),
+                          config_media_type=EMPTY_CONFIG, config_bytes=b"{}",
+                          layer_media_type="application/json", title="profile.json",
+                          artifact_type=SECCOMP_CONFIG if shape == "typed" else None)
+    ref = f"{registry.address}/{repo}:v1"
 
     async def scenario() -> driver.CreateResult:
         async with plugin(base_config(tmp_path / "cache", registry.address)) as session:
-            return await session.conn.create_container(
-                pod(), container("app", profile, image=artifacts["image-bare"]))
+            return await session.conn.create_container(pod({f"{KEY_V1}/POD": ref}),
+                                                       container())
 
     result = run(scenario())
-    assert result.error is None and result.seccomp is None
-    assert registry.requests_seen(r"GET /v2/app/bare/manifests/") == before
+    if shape == "typed":
+        assert result.error is None and result.seccomp == expected_seccomp()
+    else:
+        assert result.error is not None and result.seccomp is None
+        assert (f"config media type is '{EMPTY_CONFIG}'; expected '{SECCOMP_CONFIG}'"
+                in result.error.message)
+        assert registry.count("blobs", repo) == 0  # refused from the manifest alone

@@ -5,10 +5,19 @@
 | < 2.2 | <= 0.8 | no (unknown field, dropped) | no | - |
 | 2.2.0 | 0.10 | yes | no | no (panics) |
 | 2.2.1 - 2.2.x | 0.11 | yes | yes | no (panics) |
-| >= 2.3 | >= 0.12 | yes | yes | yes |
+| 2.3.x | 0.12.0 | yes | yes | yes |
+| >= 2.4 | >= 0.12.2 (assumed) | yes | yes | yes |
 
-``default_errno`` is dropped by every NRI release up to v0.12.2; ``Container.image``
-is filled from NRI v0.12.2 on. ``ConfigureRequest.NRI_version`` is sent by every
+``default_errno`` is dropped by every NRI release, v0.12.3 included: the runtime applies
+adjustments through NRI's ``AdjustSeccompPolicy``, which never sets ``DefaultErrnoRet``
+(checked on NRI's main, 2026-08-20); ``keeps_default_errno`` is therefore never
+inferred, only forced by ``runtime_overrides`` for a runtime known to carry it.
+``Container.image`` (name, digest, config digest) is filled from NRI v0.12.2 on, by
+containerd from its main of 2026-08-19 on. containerd 2.4.0 is not tagged in the
+snapshot we checked (v2.4.0-beta.0 ships NRI v0.12.1, main v0.12.2; the release is
+said to ship v0.12.3): the table assumes at least v0.12.2 for 2.4.0, and a 2.4
+pre-release counts as 2.3 (NRI v0.12.0, no ``Container.image``). The NRI version the
+runtime reports wins over both. ``ConfigureRequest.NRI_version`` is sent by every
 NRI from v0.12.0 on (never empty there: NRI reports ``0.0.0-unknown`` at worst),
 so a runtime that sends none has an older NRI, whatever its own version says.
 
@@ -115,6 +124,8 @@ def capabilities(
 
 # (first containerd release, the NRI it ships); older releases ship NRI <= v0.8
 _CONTAINERD_NRI = (
+    # assumed: 2.4.0 is cut from main after NRI v0.12.2 (Container.image) went in
+    ((2, 4, 0), Version(0, 12, 2)),
     ((2, 3, 0), Version(0, 12, 0)),
     ((2, 2, 1), Version(0, 11, 0)),
     ((2, 2, 0), Version(0, 10, 0)),
@@ -138,8 +149,9 @@ def _table(name: str, version: str, nri_version: str) -> RuntimeCaps:
         applies_seccomp_adjustment=v.at_least(2, 2, 0),
         passes_seccomp_profile=v.at_least(2, 2, 1),
         errno_ret_safe=nri.at_least(0, 12, 0),
-        # no NRI release keeps it yet; a pre-release of the next one proves nothing
-        keeps_default_errno=nri.at_least(0, 12, 3),
+        # no NRI release keeps it (AdjustSeccompPolicy never sets DefaultErrnoRet, up to
+        # v0.12.3 and main): only runtime_overrides can say otherwise
+        keeps_default_errno=False,
         passes_image=nri.at_least(0, 12, 2),
         description=f"{label} (NRI {nri_label})",
     )

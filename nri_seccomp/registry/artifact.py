@@ -1,8 +1,18 @@
 """What a seccomp profile artifact must look like: the rules, with no I/O.
 
-An artifact is a single OCI (or Docker v2) manifest whose config media type is
-``application/vnd.cncf.seccomp-profile.config.v1+json`` and whose first layer
-holds the profile, as CRI-O 1.30 defines it. The client (``client.py``) reads
+An artifact is a single OCI (or Docker v2) manifest of one of two shapes:
+
+- CRI-O 1.30's: the config media type is
+  ``application/vnd.cncf.seccomp-profile.config.v1+json`` (an ``artifactType``, if
+  any, must say the same); the first layer holds the profile;
+- KEP-6061's typed form: the config is the OCI 1.1 empty descriptor
+  (``application/vnd.oci.empty.v1+json``) and ``artifactType`` carries the seccomp
+  media type; exactly one layer holds the profile.
+
+The layer may have any media type (ORAS labels files as tar layers; KEP-6061 says
+runtimes must not require one); it is the raw JSON document. Anything else,
+``application/vnd.unknown.config.v1+json`` included, is refused with its media
+types named, and an image index is refused by name. The client (``client.py``) reads
 bytes from the registry; everything it then decides about those bytes is here,
 as functions of values, so that each rule is tested as a table without a
 registry:
@@ -194,18 +204,21 @@ def first_layer(ref: Reference, manifest: Manifest, max_size: int) -> Layer:
                       f"'{OCI_MANIFEST}'")
     config = body.get("config")
     config_type = config.get("mediaType") if isinstance(config, dict) else None
-    if config_type != SECCOMP_CONFIG_MEDIA_TYPE:
-        hint = ""
-        if config_type == UNKNOWN_CONFIG_MEDIA_TYPE:
-            hint = (" (pushed without a config media type; push with --config "
-                    f"config.json:{SECCOMP_CONFIG_MEDIA_TYPE})")
-        elif config_type == EMPTY_CONFIG_MEDIA_TYPE:
-            hint = (" (an artifact with an empty config; push with --config "
-                    f"config.json:{SECCOMP_CONFIG_MEDIA_TYPE})")
-        found = quote_untrusted(config_type) if isinstance(config_type, str) else "missing"
-        raise invalid(f"config media type is {found}, expected "
-                      f"'{SECCOMP_CONFIG_MEDIA_TYPE}'{hint}")
+    artifact_type = body.get("artifactType")
+    typed = False
+    if config_type == SECCOMP_CONFIG_MEDIA_TYPE:
+        # CRI-O 1.30's shape (and SPO's since #3421, which also sets artifactType)
+        if artifact_type is not None and artifact_type != SECCOMP_CONFIG_MEDIA_TYPE:
+            raise invalid(f"artifactType {quote_untrusted(artifact_type)} contradicts the "
+                          f"config media type '{SECCOMP_CONFIG_MEDIA_TYPE}'")
+    elif config_type == EMPTY_CONFIG_MEDIA_TYPE and artifact_type == SECCOMP_CONFIG_MEDIA_TYPE:
+        typed = True  # KEP-6061: the OCI 1.1 empty config, the kind in artifactType
+    else:
+        raise invalid(_untyped(config_type, artifact_type))
     layers = body.get("layers")
+    if typed and isinstance(layers, list) and len(layers) > 1:
+        raise invalid(f"artifact has {len(layers)} layers; a KEP-6061 seccomp profile "
+                      "artifact has exactly one")
     if not isinstance(layers, list) or not layers:
         raise invalid("artifact has no layers")
     layer = layers[0]
@@ -222,6 +235,23 @@ def first_layer(ref: Reference, manifest: Manifest, max_size: int) -> Layer:
     if size == 0:
         raise invalid("artifact data is empty")
     return Layer(digest, size)
+
+
+def _untyped(config_type: object, artifact_type: object) -> str:
+    """Why a manifest is not a seccomp profile artifact, with its media types named."""
+    found = quote_untrusted(config_type, 60) if isinstance(config_type, str) else "missing"
+    message = f"config media type is {found}"
+    if artifact_type is not None:
+        message += f", artifactType {quote_untrusted(artifact_type, 60)}"
+    message += (f"; expected '{SECCOMP_CONFIG_MEDIA_TYPE}' as either, with an empty "
+                "config for artifactType")
+    if config_type == UNKNOWN_CONFIG_MEDIA_TYPE:
+        message += (" (pushed without a config media type; push with --artifact-type "
+                    f"{SECCOMP_CONFIG_MEDIA_TYPE})")
+    elif config_type == EMPTY_CONFIG_MEDIA_TYPE:
+        message += (" (an artifact with an empty config; push with --artifact-type "
+                    f"{SECCOMP_CONFIG_MEDIA_TYPE})")
+    return message
 
 
 def held_layer_usable(layer: Layer, held: bytes) -> bool:

@@ -1,15 +1,22 @@
-"""Image reference → the annotations of its manifest (CRI-O's "image annotations").
+"""An image → the annotations of its manifest (CRI-O's "image annotations").
 
-containerd does not hand image annotations to NRI plugins, so they are read
-from the image's registry: one manifest request per image, cached in memory,
-shared by concurrent requests, bounded by the request's deadline like every
-other registry call. A failed lookup is remembered briefly so a broken or
-private registry is not asked again for every container.
+Two sources, chosen by ``image_annotations_source``:
 
-Lookups have a lane of their own (``concurrency``), apart from profile fetches
-and compiles: when it is full a lookup is not queued but answered as failed at
-once, so a container whose image names no profile never waits behind anyone.
-Images from registries outside ``registry.allowed`` are not looked up at all.
+- ``containerd`` (the default): the manifest containerd pulled, read from its
+  content store (``containerd.client``), as CRI-O reads the pulled manifest from
+  local storage. Known by digest: when the runtime sends ``Container.image.digest``
+  (containerd 2.4+) an image seen once costs no call at all; otherwise one
+  ``Images/Get`` per container finds the digest the name points to *now* (a name is
+  not an identity: the node may have pulled a moved tag), and the manifest reads
+  are cached by that digest.
+- ``registry`` (opt-in, for runtimes without a reachable content store): the
+  manifest the image's registry serves now, under ``registry.allowed``, cached by
+  reference. It may differ from what the node runs when a tag moved.
+
+Either way: one lookup per key in flight, shared by concurrent requests, bounded
+by the request's deadline; a failure is remembered briefly. Lookups have a lane
+of their own (``concurrency``): when it is full a lookup is not queued but
+answered as failed at once. Only seccomp-profile annotations are kept.
 """
 
 from __future__ import annotations
@@ -18,10 +25,12 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Awaitable
-from typing import Protocol
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
-from nri_seccomp.decide import resolver
+from nri_seccomp.containerd.client import ContainerdError, ContainerdImages
+from nri_seccomp.decide import reference, resolver
 from nri_seccomp.decide.reference import Reference
 from nri_seccomp.errors import NriSeccompError
 from nri_seccomp.memo import BoundedMap, Busy, SingleFlight
@@ -30,14 +39,73 @@ from nri_seccomp.registry.errors import ArtifactError, PolicyError
 log = logging.getLogger(__name__)
 
 KEEP = 1024
-FAILURE_TTL = 60.0
 FETCH_BUDGET = 30.0
 #: seccomp-profile annotations kept per image
 MAX_KEYS = 64
 
+T = TypeVar("T")
+
 
 class ImageLookupError(NriSeccompError):
     pass
+
+
+class NotLooked(Exception):
+    """This image's annotations are not to be read (its registry is not allowed): {}."""
+
+
+@dataclass(frozen=True)
+class Image:
+    #: the name the runtime gave (``Container.image.name`` or the CRI annotation)
+    name: str
+    #: ``Container.image.digest`` (containerd 2.4+, NRI v0.12.2), "" when not sent
+    digest: str = ""
+
+
+class AnnotationSource(Protocol):
+    #: how failures are remembered, seconds
+    failure_ttl: float
+
+    def key(self, image: Image) -> str | None:
+        """The cache key known without I/O; None when ``resolve`` must find it.
+        NotLooked when the image is not to be looked up, ImageLookupError if unusable."""
+        ...
+
+    def resolve(self, image: Image, deadline: float) -> Awaitable[str]: ...
+
+    def read(self, key: str, image: Image, deadline: float) -> Awaitable[dict[str, str]]: ...
+
+    def aclose(self) -> Awaitable[None]: ...
+
+
+class ContainerdSource:
+    """The pulled manifest, from containerd's content store (``containerd.client``)."""
+
+    #: containerd is local: a failure (socket down, image not yet recorded) is retried soon
+    failure_ttl = 2.0
+
+    def __init__(self, client: ContainerdImages) -> None:
+        self.client = client
+
+    def key(self, image: Image) -> str | None:
+        return image.digest or None
+
+    async def resolve(self, image: Image, deadline: float) -> str:
+        try:
+            return await self.client.target(image.name, deadline)
+        except ContainerdError as exc:
+            raise ImageLookupError(f"cannot read annotations of image {image.name}: {exc}"
+                                   ) from None
+
+    async def read(self, key: str, image: Image, deadline: float) -> dict[str, str]:
+        try:
+            return await self.client.annotations(key, deadline)
+        except ContainerdError as exc:
+            raise ImageLookupError(f"cannot read annotations of image {image.name} "
+                                   f"({key}): {exc}") from None
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
 
 
 class ManifestSource(Protocol):
@@ -47,58 +115,109 @@ class ManifestSource(Protocol):
         ...
 
 
+class RegistrySource:
+    """The manifest the image's registry serves now (opt-in), under ``registry.allowed``."""
+
+    failure_ttl = 60.0
+
+    def __init__(self, fetcher: ManifestSource) -> None:
+        self.fetcher = fetcher
+
+    def key(self, image: Image) -> str | None:
+        try:
+            ref = reference.parse(image.name)
+        except reference.ReferenceError as exc:
+            raise ImageLookupError(str(exc)) from None
+        try:
+            # the allow-list alone: require_digest is about profiles, images come by tag
+            self.fetcher.check_allowed(ref)
+        except PolicyError:
+            raise NotLooked from None
+        return str(ref)
+
+    async def resolve(self, image: Image, deadline: float) -> str:  # pragma: no cover
+        raise AssertionError("a registry source knows its key")
+
+    async def read(self, key: str, image: Image, deadline: float) -> dict[str, str]:
+        try:
+            return await self.fetcher.manifest_annotations(reference.parse(key), deadline)
+        except ArtifactError as exc:
+            raise ImageLookupError(f"cannot read annotations of image {key}: {exc}") from exc
+
+    async def aclose(self) -> None:
+        pass  # the fetcher belongs to the profile store
+
+
 class ImageAnnotations:
-    def __init__(self, fetcher: ManifestSource, concurrency: int = 4) -> None:
-        self._fetcher = fetcher
+    def __init__(self, source: AnnotationSource, concurrency: int = 4) -> None:
+        self._source = source
         self._known: BoundedMap[str, dict[str, str]] = BoundedMap(KEEP)
         self._failed: BoundedMap[str, str] = BoundedMap(KEEP)
         self._flight: SingleFlight[str, dict[str, str]] = SingleFlight(concurrency,
                                                                        "image lookups")
+        self._names: SingleFlight[str, str] = SingleFlight(concurrency, "image resolutions")
 
-    def set_fetcher(self, fetcher: ManifestSource) -> None:
-        self._fetcher = fetcher
+    @property
+    def source(self) -> AnnotationSource:
+        return self._source
+
+    def set_source(self, source: AnnotationSource) -> AnnotationSource:
+        """Use ``source`` from now on; the previous one is returned for closing."""
+        old, self._source = self._source, source
         self._known.clear()
         self._failed.clear()
+        return old
 
-    async def get(self, ref: Reference, deadline: float) -> dict[str, str]:
+    async def get(self, image: Image, deadline: float) -> dict[str, str]:
         """The annotations; ImageLookupError when they cannot be read, TimeoutError if late.
 
-        An image whose registry is not allowed has no annotations we may read: {}.
+        An image the source is not to look up (the registry source's allow-list) has {}.
         """
-        key = str(ref)
+        source = self._source
         try:
-            # the allow-list alone: require_digest is about profiles, images come by tag
-            self._fetcher.check_allowed(ref)
-        except PolicyError:
+            key = source.key(image)
+        except NotLooked:
             return {}
+        if key is None:
+            # by name: what the name points to now, one call, never cached
+            key = await self._in_lane(self._names, f"name {image.name}",
+                                      lambda: source.resolve(image, time.monotonic()
+                                                             + FETCH_BUDGET), deadline)
         known = self._known.get(key)
         if known is not None:
             return known
         failed = self._failed.get(key)
         if failed is not None:
             raise ImageLookupError(failed)
+        return await self._in_lane(self._flight, key,
+                                   lambda: self._lookup(source, key, image), deadline)
+
+    async def _in_lane(self, lane: SingleFlight[str, T], key: str,
+                       work: Callable[[], Awaitable[T]], deadline: float) -> T:
         try:
-            task = self._flight.start(key, lambda: self._lookup(ref, key), self._finished)
+            task = lane.start(key, work, _finished)
         except Busy:
             raise ImageLookupError(f"cannot read annotations of image {key} now: "
-                                   f"{self._flight.limit} image lookups in flight") from None
+                                   f"{lane.limit} {lane.name} in flight") from None
         return await SingleFlight.wait(task, deadline)
 
-    def _finished(self, key: str, task: asyncio.Task[dict[str, str]]) -> None:
-        if not task.cancelled():
-            task.exception()  # retrieved: a failure nobody awaited is not an error to log
-
-    async def _lookup(self, ref: Reference, key: str) -> dict[str, str]:
+    async def _lookup(self, source: AnnotationSource, key: str,
+                      image: Image) -> dict[str, str]:
         try:
-            annotations = await self._fetcher.manifest_annotations(
-                ref, time.monotonic() + FETCH_BUDGET)
-        except ArtifactError as exc:
-            message = f"cannot read annotations of image {key}: {exc}"
-            self._failed.put(key, message, ttl=FAILURE_TTL)
-            raise ImageLookupError(message) from exc
+            annotations = await source.read(key, image, time.monotonic() + FETCH_BUDGET)
+        except ImageLookupError as exc:
+            if source is self._source:
+                self._failed.put(key, str(exc), ttl=source.failure_ttl)
+            raise
         # only what the resolver reads is kept: a manifest's other annotations are
-        # the registry's to fill, and a thousand remembered images must stay small
+        # the image author's to fill, and a thousand remembered images must stay small
         kept = dict(itertools.islice(
             ((k, v) for k, v in annotations.items() if k.startswith(resolver.KEYS)), MAX_KEYS))
-        self._known.put(key, kept)
+        if source is self._source:
+            self._known.put(key, kept)
         return kept
+
+
+def _finished(key: str, task: asyncio.Task[T]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: a failure nobody awaited is not an error to log

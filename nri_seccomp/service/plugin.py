@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import logging
 import time
+from collections.abc import Awaitable
 
 from nri_seccomp import config, wiring
 from nri_seccomp.decide import policy, reference, resolver, runtimes
@@ -28,11 +29,11 @@ from nri_seccomp.errors import Kind, NriSeccompError, Refusal
 from nri_seccomp.memo import BoundedMap
 from nri_seccomp.nri.pb import nri_pb2
 from nri_seccomp.nri.stub import RuntimeInfo
+from nri_seccomp.registry.client import ArtifactFetcher
 from nri_seccomp.registry.errors import ArtifactError, PolicyError
 from nri_seccomp.seccomp import compat
 from nri_seccomp.seccomp.worker import CompileBudgetExceeded, SeccompWorkers
-from nri_seccomp.service import store as store_mod
-from nri_seccomp.service.images import ImageLookupError
+from nri_seccomp.service.images import Image, ImageLookupError
 from nri_seccomp.service.store import Compiled, NotReady, ProfileRejected, StoreSettings
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ class SeccompPlugin:
         self.caps = runtimes.capabilities("", "")
         self.runtime = RuntimeInfo()
         self.services: wiring.Services | None = None
+        #: the registry client in use (profiles; image annotations when their source)
+        self._client: ArtifactFetcher | None = None
         self._retired: set[asyncio.Task[None]] = set()
         #: background preparations started at pod creation
         self._warming: set[asyncio.Task[None]] = set()
@@ -98,23 +101,37 @@ class SeccompPlugin:
             "carried" if caps.errno_ret_safe else "crashes the runtime (kept out)",
             "carried" if caps.keeps_default_errno else "dropped (materialised or refused)",
         )
+        if fetcher is not None:
+            self._client = fetcher
         if self.services is None:
             assert fetcher is not None
             # the worker pool's fork server and the disk cache's scan take a while:
             # off the event loop
             self.services = await asyncio.to_thread(wiring.services, cfg, fetcher)
-        elif fetcher is not None:
-            old = self.services.store.set_fetcher(fetcher)
-            self.services.images.set_fetcher(fetcher)
-            # fetches already under way finish with the old client, within their own budget
-            retiring = asyncio.create_task(self._retire(old, StoreSettings.background_budget))
-            self._retired.add(retiring)
-            retiring.add_done_callback(self._retired.discard)
-            log.info("registry settings changed: %s", _changed(previous.registry, cfg.registry))
+        else:
+            if fetcher is not None:
+                old = self.services.store.set_fetcher(fetcher)
+                # fetches already under way finish with the old client, within their budget
+                self._retire_later(old.aclose())
+                log.info("registry settings changed: %s",
+                         _changed(previous.registry, cfg.registry))
+            if fetcher is not None or (wiring.image_source_settings(cfg)
+                                       != wiring.image_source_settings(previous)):
+                assert self._client is not None
+                old_source = self.services.images.set_source(
+                    wiring.image_source(cfg, self._client))
+                self._retire_later(old_source.aclose())
 
-    async def _retire(self, fetcher: store_mod.Fetcher, after: float) -> None:
-        await asyncio.sleep(after)
-        await fetcher.aclose()
+    def _retire_later(self, closing: Awaitable[None]) -> None:
+        retiring = asyncio.create_task(self._retire(closing, StoreSettings.background_budget))
+        self._retired.add(retiring)
+        retiring.add_done_callback(self._retired.discard)
+
+    async def _retire(self, closing: Awaitable[None], after: float) -> None:
+        try:
+            await asyncio.sleep(after)
+        finally:
+            await closing
 
     async def on_disconnect(self) -> None:
         self._translations.clear()
@@ -264,29 +281,36 @@ class SeccompPlugin:
     async def _image_annotations(
         self, container: nri_pb2.Container, deadline: float
     ) -> dict[str, str]:
+        """The image's annotations; fails closed (``image_annotations_on_error: refuse``,
+        the default) when they cannot be read, since the image may name a profile."""
         if not self.config.image_annotations or self.services is None:
             return {}
-        name = container.image.name or container.annotations.get(IMAGE_NAME_ANNOTATION, "")
-        if not name:
+        sent = container.image if container.HasField("image") else None
+        name = (sent.name if sent else "") or container.annotations.get(
+            IMAGE_NAME_ANNOTATION, "")
+        digest = sent.digest if sent else ""
+        if not name and not digest:
             return {}
+        image = Image(name or digest, digest)
         # at most half of what is left: a profile the image names must still be fetched
         now = time.monotonic()
         budget = now + max(deadline - now, 0) / 2
+        refuse = self.config.image_annotations_on_error == "refuse"
         try:
-            ref = reference.parse(name)
-            return await self.services.images.get(ref, budget)
+            return await self.services.images.get(image, budget)
         except TimeoutError:
-            if self.config.image_annotations_on_error == "refuse":
-                raise Refusal(Kind.RETRY, f"annotations of image {name} are still "
-                              "being fetched, retry (image_annotations_on_error: refuse)"
+            if refuse:
+                raise Refusal(Kind.RETRY, f"annotations of image {image.name} are still "
+                              "being read, retry (image_annotations_on_error: refuse)"
                               ) from None
             log.warning("annotations of image %s not read in time; ignoring image annotations "
-                        "(image_annotations_on_error: ignore)", name)
+                        "(image_annotations_on_error: ignore)", image.name)
             return {}
-        except (ImageLookupError, reference.ReferenceError) as exc:
-            if self.config.image_annotations_on_error == "refuse":
-                raise Refusal(Kind.UNUSABLE,
-                              f"{exc} (image_annotations_on_error: refuse)") from exc
+        except ImageLookupError as exc:
+            if refuse:
+                raise Refusal(Kind.UNUSABLE, f"{exc}; the image may name a seccomp profile, "
+                              "so the container is not created without it "
+                              "(image_annotations_on_error: refuse)") from exc
             log.warning("%s; ignoring image annotations (image_annotations_on_error: ignore)",
                         exc)
             return {}

@@ -1,0 +1,244 @@
+"""Image annotations from containerd's content store: the gRPC client and the image lookup
+against a real gRPC server process (devtools.fakecontainerd) on a unix socket, and the
+pure parts (the node's platform in an index, containerd's image names) as tables."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from devtools.fakecontainerd import FakeContainerd
+from nri_seccomp.containerd import platform
+from nri_seccomp.containerd.client import ContainerdImages, store_name
+from nri_seccomp.decide.resolver import KEY_V1
+from nri_seccomp.service.images import ContainerdSource, Image, ImageAnnotations, ImageLookupError
+
+PROFILE = "r.example/p/prof:1"
+AMD64 = {"os": "linux", "architecture": "amd64"}
+ARM64 = {"os": "linux", "architecture": "arm64", "variant": "v8"}
+NODE = platform.Platform("linux", "amd64")
+
+# ---- pure: the node's entry in an index, containerd's names ---------------------------
+
+PICKS = [
+    # (name, node, index platforms, expected index or None)
+    ("amd64 node", NODE, [ARM64, AMD64], 1),
+    ("first of equals", NODE, [AMD64, AMD64], 0),
+    ("no linux/amd64", NODE, [ARM64, {"os": "windows", "architecture": "amd64"}], None),
+    ("arm64 takes v8 or none", platform.Platform("linux", "arm64", "v8"),
+     [{"os": "linux", "architecture": "arm64"}], 0),
+    ("arm64 prefers v8", platform.Platform("linux", "arm64", "v8"),
+     [{"os": "linux", "architecture": "arm64"}, ARM64], 1),
+    ("arm v7 runs v6", platform.Platform("linux", "arm", "v7"),
+     [{"os": "linux", "architecture": "arm", "variant": "v6"}], 0),
+    ("arm v6 does not run v7", platform.Platform("linux", "arm", "v6"),
+     [{"os": "linux", "architecture": "arm", "variant": "v7"}], None),
+    ("amd64 v3 is not plain amd64", NODE,
+     [{"os": "linux", "architecture": "amd64", "variant": "v3"}], None),
+    ("no platform at all", NODE, [None], None),
+]
+
+
+@pytest.mark.parametrize(("node", "platforms", "expected"), [p[1:] for p in PICKS],
+                         ids=[p[0] for p in PICKS])
+def test_pick(node: platform.Platform, platforms: list[dict[str, str] | None],
+              expected: int | None) -> None:
+    entries = [{"digest": f"d{i}", "platform": p} if p else {"digest": f"d{i}"}
+               for i, p in enumerate(platforms)]
+    picked = platform.pick(entries, node)
+    assert (None if picked is None else entries.index(picked)) == expected
+
+
+@pytest.mark.parametrize(("machine", "expected"), [
+    ("x86_64", "linux/amd64"), ("aarch64", "linux/arm64/v8"), ("armv7l", "linux/arm/v7"),
+    ("ppc64le", "linux/ppc64le"), ("s390x", "linux/s390x"), ("riscv64", "linux/riscv64")])
+def test_node_platform(machine: str, expected: str) -> None:
+    assert str(platform.node_platform(machine)) == expected
+
+
+@pytest.mark.parametrize(("given", "stored"), [
+    ("nginx:1.27", "docker.io/library/nginx:1.27"),
+    ("nginx", "docker.io/library/nginx:latest"),
+    ("index.docker.io/x/y:2", "docker.io/x/y:2"),
+    ("registry.k8s.io/pause:3.10", "registry.k8s.io/pause:3.10"),
+    ("nginx:1.27@sha256:" + "a" * 64, "docker.io/library/nginx@sha256:" + "a" * 64),
+    ("sha256:" + "b" * 64, "sha256:" + "b" * 64),
+])
+def test_store_name(given: str, stored: str) -> None:
+    assert store_name(given) == stored
+
+
+# ---- against the gRPC server ------------------------------------------------------------
+
+integration = pytest.mark.integration
+
+
+@pytest.fixture
+def containerd(tmp_path: Path) -> Iterator[FakeContainerd]:
+    with FakeContainerd(tmp_path / "ctrd") as server:
+        yield server
+
+
+def lookup(server: FakeContainerd, image: Image, node: platform.Platform = NODE,
+           namespace: str = "k8s.io", images: ImageAnnotations | None = None,
+           max_bytes: int = 4 * 1024 * 1024) -> dict[str, str]:
+    async def go() -> dict[str, str]:
+        client = ContainerdImages(server.socket, namespace, node, max_bytes)
+        reader = images or ImageAnnotations(ContainerdSource(client))
+        try:
+            return await reader.get(image, time.monotonic() + 5)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(go())
+
+
+@integration
+def test_single_manifest_by_the_kubelets_name(containerd: FakeContainerd) -> None:
+    digest, size = containerd.add_manifest({KEY_V1: PROFILE, "other": "x"})
+    containerd.tag("docker.io/library/nginx:1.27", digest, size)
+    assert lookup(containerd, Image("nginx:1.27")) == {KEY_V1: PROFILE}
+    assert containerd.calls() == ["Images/Get docker.io/library/nginx:1.27",
+                                  f"Content/Read {digest}"]
+
+
+def two_platforms(server: FakeContainerd, on_platform: bool, on_index: bool) -> str:
+    ours, ours_size = server.add_manifest(
+        {f"{KEY_V1}/POD": "r.example/p/amd64:1"} if on_platform else {}, seed="amd64")
+    other, other_size = server.add_manifest(
+        {f"{KEY_V1}/POD": "r.example/p/arm64:1"}, seed="arm64")
+    index, size = server.add_index(
+        [(other, other_size, ARM64), (ours, ours_size, AMD64)],
+        {KEY_V1: "r.example/p/index:1"} if on_index else None)
+    server.tag("r.example/app/multi:1", index, size,
+               media_type="application/vnd.oci.image.index.v1+json")
+    return index
+
+
+@integration
+@pytest.mark.parametrize(("on_platform", "on_index", "expected"), [
+    ("yes", "no", {f"{KEY_V1}/POD": "r.example/p/amd64:1"}),
+    # CRI-O reads the pulled platform manifest: an index-only annotation names nothing
+    ("no", "yes", {}),
+    ("yes", "yes", {f"{KEY_V1}/POD": "r.example/p/amd64:1"}),
+])
+def test_index_uses_the_nodes_platform_manifest(containerd: FakeContainerd, on_platform: str,
+                                                on_index: str,
+                                                expected: dict[str, str]) -> None:
+    index = two_platforms(containerd, on_platform == "yes", on_index == "yes")
+    assert lookup(containerd, Image("r.example/app/multi:1")) == expected
+    reads = [c for c in containerd.calls() if c.startswith("Content/Read")]
+    assert reads[0] == f"Content/Read {index}" and len(reads) == 2  # index, then amd64 only
+
+
+@integration
+def test_index_without_the_nodes_platform_fails(containerd: FakeContainerd) -> None:
+    two_platforms(containerd, True, False)
+    with pytest.raises(ImageLookupError, match="has no manifest for linux/s390x"):
+        lookup(containerd, Image("r.example/app/multi:1"), platform.Platform("linux", "s390x"))
+
+
+@integration
+def test_by_digest_costs_no_image_call_and_a_seen_image_no_call(
+        containerd: FakeContainerd) -> None:
+    digest, _ = containerd.add_manifest({KEY_V1: PROFILE})
+    client = ContainerdImages(containerd.socket, "k8s.io", NODE)
+    images = ImageAnnotations(ContainerdSource(client))
+
+    async def go() -> list[dict[str, str]]:
+        try:
+            return [await images.get(Image("whatever:1", digest), time.monotonic() + 5)
+                    for _ in range(3)]
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(go()) == [{KEY_V1: PROFILE}] * 3
+    assert containerd.calls() == [f"Content/Read {digest}"]  # once, never Images/Get
+
+
+@integration
+def test_by_name_a_seen_image_costs_one_images_get_and_no_read(
+        containerd: FakeContainerd) -> None:
+    digest, size = containerd.add_manifest({})
+    containerd.tag("docker.io/library/nginx:1.27", digest, size)
+    client = ContainerdImages(containerd.socket, "k8s.io", NODE)
+    images = ImageAnnotations(ContainerdSource(client))
+
+    async def go() -> None:
+        try:
+            for _ in range(3):
+                assert await images.get(Image("nginx:1.27"), time.monotonic() + 5) == {}
+        finally:
+            await client.aclose()
+
+    asyncio.run(go())
+    # the name is asked each time (a re-pull may move it), the manifest is read once
+    assert containerd.calls() == ["Images/Get docker.io/library/nginx:1.27",
+                                  f"Content/Read {digest}",
+                                  "Images/Get docker.io/library/nginx:1.27",
+                                  "Images/Get docker.io/library/nginx:1.27"]
+
+
+@integration
+def test_a_moved_tag_is_judged_by_what_the_node_pulled(containerd: FakeContainerd) -> None:
+    first, size = containerd.add_manifest({KEY_V1: "r.example/p/one:1"}, seed="1")
+    containerd.tag("r.example/app/moving:1", first, size)
+    client = ContainerdImages(containerd.socket, "k8s.io", NODE)
+    images = ImageAnnotations(ContainerdSource(client))
+
+    async def go() -> list[dict[str, str]]:
+        try:
+            out = [await images.get(Image("r.example/app/moving:1"), time.monotonic() + 5)]
+            second, size2 = containerd.add_manifest({KEY_V1: "r.example/p/two:1"}, seed="2")
+            containerd.tag("r.example/app/moving:1", second, size2)  # the node re-pulled
+            out.append(await images.get(Image("r.example/app/moving:1"), time.monotonic() + 5))
+            return out
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(go()) == [{KEY_V1: "r.example/p/one:1"}, {KEY_V1: "r.example/p/two:1"}]
+
+
+@integration
+def test_unknown_image(containerd: FakeContainerd) -> None:
+    with pytest.raises(ImageLookupError, match=r"cannot read annotations of image "
+                       r"nginx:9: image docker.io/library/nginx:9 not found in containerd "
+                       r"\(namespace k8s.io\)"):
+        lookup(containerd, Image("nginx:9"))
+
+
+@integration
+def test_another_namespace_does_not_see_the_image(containerd: FakeContainerd) -> None:
+    digest, size = containerd.add_manifest({KEY_V1: PROFILE})
+    containerd.tag("docker.io/library/nginx:1.27", digest, size)
+    with pytest.raises(ImageLookupError, match=r"not found in containerd \(namespace moby\)"):
+        lookup(containerd, Image("nginx:1.27"), namespace="moby")
+
+
+@integration
+def test_oversized_manifest_is_cut_off(containerd: FakeContainerd) -> None:
+    digest, size = containerd.add_manifest({KEY_V1: PROFILE, "pad": "x" * 5000})
+    containerd.tag("docker.io/library/big:1", digest, size)
+    with pytest.raises(ImageLookupError, match="is larger than 4096 bytes"):
+        lookup(containerd, Image("big:1"), max_bytes=4096)
+
+
+@integration
+def test_too_deep_manifest_is_not_parsed(containerd: FakeContainerd) -> None:
+    raw = b'{"schemaVersion": 2, "annotations": {"a": ' + b"[" * 40 + b"]" * 40 + b"}}"
+    digest = containerd.add_blob(raw)
+    with pytest.raises(ImageLookupError, match="nested more than 32 levels"):
+        lookup(containerd, Image("x:1", digest))
+
+
+def test_socket_down(tmp_path: Path) -> None:
+    server = FakeContainerd(tmp_path / "none")  # never started: nothing listens
+    started = time.monotonic()
+    with pytest.raises(ImageLookupError, match=r"cannot read annotations of image nginx:1.27: "
+                       r"containerd at .*/c.sock is unavailable"):
+        lookup(server, Image("nginx:1.27"))
+    assert time.monotonic() - started < 2
