@@ -6,7 +6,7 @@ PYTHON := $(VENV)/bin/python
 APT_PACKAGES := docker-registry libseccomp2 skopeo golang-github-containers-common
 PROTO_FILES := $(wildcard proto/nri_seccomp/nri/pb/*.proto)
 
-.PHONY: deps proto test lint demo bench bench-crash install install-service uninstall lock bundle clean runtime-deps install-runtime
+.PHONY: deps proto test lint demo bench bench-deploy install install-service uninstall lock bundle clean runtime-deps install-runtime
 
 # Debian packages (skipped when present), then a virtualenv with our package.
 deps: $(VENV)/.installed
@@ -40,6 +40,10 @@ demo: deps
 
 bench: deps
 	$(PYTHON) -m bench
+
+# start-up to registration (venv, installed tree, bundle) and crash recovery times
+bench-deploy: deps
+	$(PYTHON) -m bench.deploy
 
 # ---- node install: the run-time needs only, under PREFIX, independent of this checkout
 # (no .venv, no test tools, no [dev] extras). DESTDIR stages the tree elsewhere.
