@@ -6,7 +6,7 @@ PYTHON := $(VENV)/bin/python
 APT_PACKAGES := docker-registry libseccomp2 skopeo golang-github-containers-common
 PROTO_FILES := $(wildcard proto/nri_seccomp/nri/pb/*.proto)
 
-.PHONY: deps proto test lint demo bench bench-deploy install install-service uninstall lock bundle clean runtime-deps install-runtime
+.PHONY: deps proto test lint demo bench bench-deploy bundle install install-service uninstall lock bundle clean runtime-deps install-runtime
 
 # Debian packages (skipped when present), then a virtualenv with our package.
 deps: $(VENV)/.installed
@@ -107,6 +107,12 @@ install-service: install-runtime
 uninstall:
 	rm -rf $(DESTDIR)$(PREFIX)
 	rm -f $(DESTDIR)$(NRI_PLUGIN_DIR)/10-seccomp-oci $(DESTDIR)$(SYSTEMD_DIR)/nri-seccomp.service
+
+# dist/nri-seccomp/: the plugin with its own interpreter and libseccomp (PyInstaller
+# onedir); needs glibc >= the build machine's (2.36 on Debian 12) and nothing else.
+bundle: deps
+	$(PYTHON) -m PyInstaller --noconfirm --log-level WARN --distpath dist \
+	  --workpath build/pyinstaller packaging/nri-seccomp.spec
 
 # packaging/requirements.lock from pyproject's run-time dependencies alone.
 lock:

@@ -44,7 +44,8 @@ def hidden_checkout(argv: list[str]) -> list[str]:
 
 async def start(argv: list[str], registry: LocalRegistry, tmp: Path) -> None:
     conn = await driver.spawn_plugin(
-        hidden_checkout(argv), env={}, checkout_on_path=False, cwd="/tmp",
+        hidden_checkout(argv), env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+        checkout_on_path=False, cwd="/tmp",
         config=scenario.config(registry, tmp / "cache"), stderr=asyncio.subprocess.PIPE,
     )
     try:
