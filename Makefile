@@ -9,7 +9,7 @@ PROTO_FILES := $(wildcard proto/nri_seccomp/nri/pb/*.proto) \
 # the containerd services the plugin calls over gRPC (images, content) also get stubs
 GRPC_PROTO_FILES := $(wildcard proto/nri_seccomp/containerd/pb/*.proto)
 
-.PHONY: deps proto test lint demo bench install clean
+.PHONY: deps proto test lint demo bench bench-deploy bundle install install-service uninstall lock bundle clean runtime-deps install-runtime
 
 # Debian packages (skipped when present), then a virtualenv with our package.
 deps: $(VENV)/.installed
@@ -46,12 +46,86 @@ demo: deps
 bench: deps
 	$(PYTHON) -m bench
 
-# Install as a pre-installed NRI plugin (containerd runs /opt/nri/plugins/IDX-NAME).
-install: deps
-	install -d /opt/nri/plugins /etc/nri/conf.d
-	printf '#!/bin/sh\nexec %s -m nri_seccomp "$$@"\n' "$(abspath $(PYTHON))" > /opt/nri/plugins/10-seccomp-oci
-	chmod 0755 /opt/nri/plugins/10-seccomp-oci
-	[ -e /etc/nri/conf.d/10-seccomp-oci.conf ] || install -m 0644 config/nri-seccomp.yaml /etc/nri/conf.d/10-seccomp-oci.conf
+# start-up to registration (venv, installed tree, bundle) and crash recovery times
+bench-deploy: deps
+	$(PYTHON) -m bench.deploy
+
+# ---- node install: the run-time needs only, under PREFIX, independent of this checkout
+# (no .venv, no test tools, no [dev] extras). DESTDIR stages the tree elsewhere.
+PREFIX ?= /opt/nri-seccomp
+DESTDIR ?=
+NRI_PLUGIN_DIR ?= /opt/nri/plugins
+NRI_CONF_DIR ?= /etc/nri/conf.d
+LOG_DIR ?= /var/log/nri-seccomp
+CONFIG_DIR ?= /etc/nri-seccomp
+SYSTEMD_DIR ?= /etc/systemd/system
+# Debian's interpreter: the installed tree's compiled wheels are built for it
+RUNTIME_PYTHON ?= /usr/bin/python3
+RUNTIME_APT := python3 python3-venv libseccomp2
+LOCK := packaging/requirements.lock
+PKG_VENV := build/pkgvenv
+STAGE := $(DESTDIR)$(PREFIX)
+
+runtime-deps:
+	@missing=""; for p in $(RUNTIME_APT); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "apt-get install:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+# The runtime under PREFIX: lib/python holds the pinned dependencies and our wheel
+# (pip --target, so no path of the build is baked in), bin/nri-seccomp runs Debian's
+# python3 in isolated mode on that directory alone.
+install-runtime: runtime-deps
+	[ -x $(PKG_VENV)/bin/pip ] || $(RUNTIME_PYTHON) -m venv $(PKG_VENV)
+	rm -rf build/wheel $(STAGE)/lib/python
+	$(PKG_VENV)/bin/pip wheel -q --no-deps -w build/wheel .
+	$(PKG_VENV)/bin/pip install -q --no-deps --target $(STAGE)/lib/python -r $(LOCK) \
+	  build/wheel/nri_seccomp-*.whl
+	rm -rf $(STAGE)/lib/python/bin
+	install -d $(STAGE)/bin $(STAGE)/share
+	sed 's|@PYTHON@|$(shell readlink -f $(RUNTIME_PYTHON))|' packaging/nri-seccomp.in > $(STAGE)/bin/nri-seccomp
+	chmod 0755 $(STAGE)/bin/nri-seccomp
+	install -m 0644 $(LOCK) config/nri-seccomp.yaml $(STAGE)/share/
+	install -d -m 0750 $(DESTDIR)$(LOG_DIR)
+
+# Pre-installed plugin: containerd starts /opt/nri/plugins/10-seccomp-oci itself.
+install: install-runtime
+	install -d $(DESTDIR)$(NRI_PLUGIN_DIR) $(DESTDIR)$(NRI_CONF_DIR)
+	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@LOG_DIR@|$(LOG_DIR)|' packaging/10-seccomp-oci.in \
+	  > $(DESTDIR)$(NRI_PLUGIN_DIR)/10-seccomp-oci
+	chmod 0755 $(DESTDIR)$(NRI_PLUGIN_DIR)/10-seccomp-oci
+	[ -e $(DESTDIR)$(NRI_CONF_DIR)/10-seccomp-oci.conf ] || \
+	  install -m 0644 config/nri-seccomp.yaml $(DESTDIR)$(NRI_CONF_DIR)/10-seccomp-oci.conf
+
+# External plugin under systemd instead (do not also install the pre-installed entry:
+# two plugins would register as seccomp-oci).
+install-service: install-runtime
+	install -d $(DESTDIR)$(SYSTEMD_DIR) $(DESTDIR)$(CONFIG_DIR)
+	sed 's|/opt/nri-seccomp|$(PREFIX)|g' packaging/nri-seccomp.service > $(DESTDIR)$(SYSTEMD_DIR)/nri-seccomp.service
+	[ -e $(DESTDIR)$(CONFIG_DIR)/config.yaml ] || \
+	  install -m 0644 config/nri-seccomp.yaml $(DESTDIR)$(CONFIG_DIR)/config.yaml
+
+# Removes the program; keeps configuration, logs and the profile cache.
+uninstall:
+	rm -rf $(DESTDIR)$(PREFIX)
+	rm -f $(DESTDIR)$(NRI_PLUGIN_DIR)/10-seccomp-oci $(DESTDIR)$(SYSTEMD_DIR)/nri-seccomp.service
+
+# dist/nri-seccomp/: the plugin with its own interpreter and libseccomp (PyInstaller
+# onedir); needs glibc >= the build machine's (2.36 on Debian 12) and nothing else.
+bundle: deps
+	$(PYTHON) -m PyInstaller --noconfirm --log-level WARN --distpath dist \
+	  --workpath build/pyinstaller packaging/nri-seccomp.spec
+
+# packaging/requirements.lock from pyproject's run-time dependencies alone.
+lock:
+	rm -rf build/lockvenv
+	$(RUNTIME_PYTHON) -m venv build/lockvenv
+	build/lockvenv/bin/pip install -q .
+	{ sed -n '1,2p' $(LOCK); build/lockvenv/bin/pip freeze --exclude nri-seccomp; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) dist .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info

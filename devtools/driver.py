@@ -343,10 +343,15 @@ async def spawn_plugin(
     env: Mapping[str, str] | None = None,
     config: str = "",
     stderr: int | None = None,
+    cwd: str | None = None,
+    checkout_on_path: bool = True,
 ) -> PluginConnection:
-    """Start ``argv`` as containerd starts a pre-installed plugin: socket on fd 3."""
+    """Start ``argv`` as containerd starts a pre-installed plugin: socket on fd 3.
+
+    ``checkout_on_path=False`` passes ``env`` as it is (an installed plugin must not
+    need this checkout on PYTHONPATH)."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    child_env = child_environment(env)
+    child_env = child_environment(env) if checkout_on_path else dict(env or {})
     child_env.update(
         {"NRI_PLUGIN_NAME": name, "NRI_PLUGIN_IDX": idx, "NRI_PLUGIN_SOCKET": "3"}
     )
@@ -363,6 +368,7 @@ async def spawn_plugin(
         preexec_fn=to_fd3,
         stdin=asyncio.subprocess.DEVNULL,
         stderr=stderr,
+        cwd=cwd,
     )
     theirs.close()
     reader, writer = await asyncio.open_connection(sock=ours)

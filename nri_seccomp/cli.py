@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import logging.handlers
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -29,7 +30,48 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--idx", help="plugin index, two digits (default: NRI_PLUGIN_IDX or file name)")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-file", metavar="PATH",
+                   help="log to this file instead of stderr, rotated at --log-file-bytes "
+                   f"with {LOG_FILE_BACKUPS} old files kept (a pre-installed plugin's "
+                   "stderr is not kept by containerd)")
+    p.add_argument("--log-file-bytes", type=int, default=LOG_FILE_BYTES, metavar="N",
+                   help="rotate the log file at this size (default %(default)s)")
+    p.add_argument("--log-syslog", nargs="?", const=SYSLOG_SOCKET, metavar="SOCKET",
+                   help="log to syslog/journald through this socket (default "
+                   f"{SYSLOG_SOCKET}) instead of stderr")
     return p
+
+
+#: the log file's rotation: at most (1 + backups) * bytes on disk
+LOG_FILE_BYTES = 10 * 1024 * 1024
+LOG_FILE_BACKUPS = 3
+SYSLOG_SOCKET = "/dev/log"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def log_handler(args: argparse.Namespace) -> logging.Handler:
+    """Where the log goes: a rotated file, syslog (journald reads /dev/log) or stderr.
+    Each keeps the one-line, bounded format: registries and annotations reach it."""
+    handler: logging.Handler
+    if args.log_file:
+        directory = os.path.dirname(os.path.abspath(args.log_file))
+        os.makedirs(directory, mode=0o750, exist_ok=True)
+        handler = logging.handlers.RotatingFileHandler(
+            args.log_file, maxBytes=max(args.log_file_bytes, 4096),
+            backupCount=LOG_FILE_BACKUPS, encoding="utf-8",
+        )
+        handler.setFormatter(BoundedFormatter(LOG_FORMAT))
+    elif args.log_syslog:
+        handler = logging.handlers.SysLogHandler(
+            address=args.log_syslog, facility=logging.handlers.SysLogHandler.LOG_DAEMON
+        )
+        # syslog adds its own time stamp; the ident lets journald name the program
+        handler.ident = f"nri-seccomp[{os.getpid()}]: "
+        handler.setFormatter(BoundedFormatter("%(levelname)s %(name)s: %(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(BoundedFormatter(LOG_FORMAT))
+    return handler
 
 
 def main(
@@ -47,10 +89,16 @@ def main(
     # the HTTP library's own line per request would double ours and show URLs whole
     for chatty in ("httpx", "httpcore"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
-    handler = logging.StreamHandler(sys.stderr)
     # one line per record, bounded: registries and annotations reach these messages
-    handler.setFormatter(BoundedFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    try:
+        handler = log_handler(args)
+        failed: OSError | None = None
+    except OSError as exc:  # no syslog socket, an unwritable log directory: say so on stderr
+        handler, failed = log_handler(argparse.Namespace(log_file=None, log_syslog=None)), exc
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), handlers=[handler])
+    if failed is not None:
+        logging.getLogger("nri_seccomp").error("cannot log where asked, logging to stderr: %s",
+                                               failed)
     if plugin_factory is None:
         # registers at once; the seccomp plugin itself is imported at the first Configure
         plugin: object = LazySeccompPlugin(config_path=args.config)

@@ -21,6 +21,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -55,7 +57,18 @@ class _Version(ctypes.Structure):
 
 # own handle with declared prototypes: pyseccomp leaves resolve_name_arch
 # undeclared, and ctypes cannot pass an AUDIT_ARCH value above 2**31 as an int
-_lib_path = ctypes.util.find_library("seccomp")
+def _find_libseccomp() -> str | None:
+    """The bundled copy in a PyInstaller bundle (find_library looks only at the system's
+    ld cache, which a node without libseccomp does not have), else the system's."""
+    bundle = getattr(sys, "_MEIPASS", None)
+    if getattr(sys, "frozen", False) and bundle:
+        path = os.path.join(bundle, "libseccomp.so.2")
+        if os.path.exists(path):
+            return path
+    return ctypes.util.find_library("seccomp")
+
+
+_lib_path = _find_libseccomp()
 if _lib_path is None:  # pragma: no cover - pyseccomp has already failed the same way
     raise ImportError("libseccomp not found")
 _lib = ctypes.CDLL(_lib_path)
