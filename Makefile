@@ -3,7 +3,7 @@
 SYSTEM_PYTHON ?= python3
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
-APT_PACKAGES := docker-registry libseccomp2 skopeo golang-github-containers-common
+APT_PACKAGES := docker-registry libseccomp2 skopeo golang-github-containers-common systemd
 PROTO_FILES := $(wildcard proto/nri_seccomp/nri/pb/*.proto) \
 	$(wildcard proto/nri_seccomp/containerd/pb/*.proto)
 # the containerd services the plugin calls over gRPC (images, content) also get stubs
