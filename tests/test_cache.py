@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from nri_seccomp import digest as digest_mod
 from nri_seccomp.storage import cache as cache_mod
 from nri_seccomp.storage.cache import (
     Cache,
@@ -26,7 +27,6 @@ from nri_seccomp.storage.cache import (
     CacheIntegrityError,
     CacheLockedError,
     CacheWriteError,
-    sha256_digest,
 )
 
 PROFILE = b'{"defaultAction": "SCMP_ACT_ALLOW"}'
@@ -43,7 +43,7 @@ def _leftovers(root: Path) -> list[Path]:
 def test_round_trip_and_restart(tmp_path: Path) -> None:
     cache = Cache(tmp_path)
     digest = cache.put_blob(PROFILE)
-    assert digest == sha256_digest(PROFILE)
+    assert digest == digest_mod.sha256(PROFILE)
     assert cache.blob_path(digest) == tmp_path / "blobs" / "sha256" / digest[7:]
     cache.record("reg/a:v1", digest)
     cache.record("reg/old:v1", digest, fetched_at=1000.0)
@@ -75,7 +75,7 @@ def test_expected_digest_is_verified(tmp_path: Path) -> None:
                        match=f"refusing to cache 3 bytes as {wrong}: content is sha256:"):
         cache.put_blob(b"abc", wrong)
     assert _blobs(tmp_path) == []
-    assert cache.put_blob(b"abc", sha256_digest(b"abc")) == sha256_digest(b"abc")
+    assert cache.put_blob(b"abc", digest_mod.sha256(b"abc")) == digest_mod.sha256(b"abc")
 
 
 @pytest.mark.parametrize("damage", ["truncate", "replace", "append", "empty"])
@@ -92,7 +92,7 @@ def test_damaged_blob_is_never_served(tmp_path: Path, damage: str,
     assert not path.exists()
     [line] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert f"cached blob {path} is damaged (expected {digest}, content is " \
-           f"{sha256_digest(damaged)}, {len(damaged)} bytes)" in line
+           f"{digest_mod.sha256(damaged)}, {len(damaged)} bytes)" in line
     assert cache.get_blob(digest) is None  # a plain miss now, no second warning
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
     # the refetch path: put again, served again
@@ -125,7 +125,7 @@ def test_symlink_in_place_of_a_blob_is_not_followed(tmp_path: Path) -> None:
     outside.write_bytes(PROFILE)  # even with the right content
     root = tmp_path / "cache"
     cache = Cache(root)
-    digest = sha256_digest(PROFILE)
+    digest = digest_mod.sha256(PROFILE)
     cache.blob_path(digest).symlink_to(outside)
     assert cache.get_blob(digest) is None
     assert not cache.blob_path(digest).is_symlink()
@@ -272,15 +272,15 @@ def test_threads_put_the_same_blob(tmp_path: Path) -> None:
         t.start()
     for t in threads:
         t.join()
-    assert results == [sha256_digest(data)] * 16
-    assert cache.get_blob(sha256_digest(data)) == data
+    assert results == [digest_mod.sha256(data)] * 16
+    assert cache.get_blob(digest_mod.sha256(data)) == data
     assert not _leftovers(tmp_path)
 
 
 def test_threads_mixed_with_eviction_never_see_bad_bytes(tmp_path: Path) -> None:
     cache = Cache(tmp_path, max_bytes=64 * 1024)
     payloads = [bytes([i]) * (4096 + i) for i in range(40)]
-    digests = [sha256_digest(p) for p in payloads]
+    digests = [digest_mod.sha256(p) for p in payloads]
     errors: list[BaseException] = []
 
     def worker(seed: int) -> None:
@@ -348,7 +348,7 @@ def mounted(path: Path, *args: str) -> Iterator[Path]:
 def test_full_disk_leaves_no_partial_file(tmp_path: Path) -> None:
     with mounted(tmp_path / "small", "-t", "tmpfs", "-o", "size=64k", "tmpfs") as root:
         cache = Cache(root)
-        path = root / "blobs" / "sha256" / sha256_digest(b"\0" * 200_000)[7:]
+        path = root / "blobs" / "sha256" / digest_mod.sha256(b"\0" * 200_000)[7:]
         with pytest.raises(CacheWriteError,
                            match=f"cannot write {path}: No space left on device \\(ENOSPC\\)"):
             cache.put_blob(b"\0" * 200_000)

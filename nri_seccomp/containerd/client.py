@@ -30,6 +30,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from nri_seccomp import digest as digest_mod
 from nri_seccomp.bounded import quote_untrusted
 from nri_seccomp.containerd import platform
 from nri_seccomp.containerd.pb import content_pb2, content_pb2_grpc, images_pb2, images_pb2_grpc
@@ -44,8 +45,6 @@ from nri_seccomp.registry.artifact import (
     OCI_MANIFEST,
     TooDeep,
     checked_json,
-    digest_matches,
-    valid_digest,
 )
 
 DEFAULT_SOCKET = "/run/containerd/containerd.sock"
@@ -147,7 +146,7 @@ class ContainerdImages:
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc, f"image {stored}") from None
         digest = response.image.target.digest
-        if not valid_digest(digest):
+        if not digest_mod.is_valid(digest):
             raise ContainerdError(f"image {stored} has an invalid target digest "
                                   f"{quote_untrusted(digest)}")
         return str(digest)
@@ -163,7 +162,7 @@ class ContainerdImages:
             if entry is None:
                 raise ContainerdError(f"image index {digest} has no manifest for {self.node}")
             child = entry.get("digest")
-            if not isinstance(child, str) or not valid_digest(child):
+            if not isinstance(child, str) or not digest_mod.is_valid(child):
                 raise ContainerdError(f"image index {digest} names an invalid digest "
                                       f"{quote_untrusted(child)} for {self.node}")
             body = await self._manifest(child, deadline)
@@ -213,6 +212,6 @@ class ContainerdImages:
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc, f"content {digest}") from None
         data = b"".join(chunks)
-        if not digest_matches(digest, data):
+        if not digest_mod.matches(digest, data):
             raise ContainerdError(f"content {digest} does not match its digest")
         return data

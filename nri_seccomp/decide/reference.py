@@ -20,6 +20,7 @@ import functools
 import re
 from dataclasses import dataclass
 
+from nri_seccomp import digest as digest_mod
 from nri_seccomp.errors import NriSeccompError
 
 DEFAULT_REGISTRY = "docker.io"
@@ -36,7 +37,6 @@ _HOST = re.compile(
 _IPV6 = re.compile(r"\[[a-fA-F0-9:]+\]")
 # ASCII only: Python's \w would let Unicode letters into a tag
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
-DIGEST_PATTERNS = {"sha256": re.compile(r"[a-f0-9]{64}"), "sha512": re.compile(r"[a-f0-9]{128}")}
 _SCHEME = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*:/")
 
 
@@ -105,7 +105,7 @@ def parse(value: str) -> Reference:
     if "@" in rest:
         rest, digest = rest.split("@", 1)
         algo, _, hexpart = digest.partition(":")
-        pattern = DIGEST_PATTERNS.get(algo)
+        pattern = digest_mod.PATTERNS.get(algo)
         if pattern is None or not pattern.fullmatch(hexpart):
             raise ReferenceError(
                 value,

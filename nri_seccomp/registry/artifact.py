@@ -38,14 +38,14 @@ while streaming. Messages quote registry-supplied values only through
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from nri_seccomp import digest as digest_mod
 from nri_seccomp.bounded import quote_untrusted
-from nri_seccomp.decide.reference import DIGEST_PATTERNS, Reference
+from nri_seccomp.decide.reference import Reference
 from nri_seccomp.registry.errors import InvalidArtifact
 
 SECCOMP_CONFIG_MEDIA_TYPE = "application/vnd.cncf.seccomp-profile.config.v1+json"
@@ -100,22 +100,6 @@ class Layer:
 # ---- digests ---------------------------------------------------------------------
 
 
-def valid_digest(value: str) -> bool:
-    """``algo:hex`` with an algorithm containerd accepts and hex of its length."""
-    algo, _, hexpart = value.partition(":")
-    pattern = DIGEST_PATTERNS.get(algo)
-    return pattern is not None and pattern.fullmatch(hexpart) is not None
-
-
-def compute_digest(algo: str, data: bytes) -> str:
-    return f"{algo}:{hashlib.new(algo, data).hexdigest()}"
-
-
-def digest_matches(expected: str, data: bytes) -> bool:
-    """``data`` hashes to ``expected``, computed with ``expected``'s own algorithm."""
-    return compute_digest(expected.split(":", 1)[0], data) == expected
-
-
 # ---- JSON with a bounded depth -------------------------------------------------
 
 
@@ -161,12 +145,12 @@ def parse_manifest(ref: Reference, raw: bytes, content_type: str,
     key = str(ref)
     info: dict[str, Any] = {"registry": ref.registry, "url": url}
     if ref.digest is not None:
-        if not digest_matches(ref.digest, raw):
+        if not digest_mod.matches(ref.digest, raw):
             raise InvalidArtifact(key, "manifest digest mismatch: the content does not "
                                   "match the reference's digest", **info)
         digest = ref.digest
     else:
-        digest = compute_digest("sha256", raw)
+        digest = digest_mod.compute("sha256", raw)
     try:
         body = checked_json(raw)
     except TooDeep:
@@ -224,7 +208,7 @@ def first_layer(ref: Reference, manifest: Manifest, max_size: int) -> Layer:
     layer = layers[0]
     digest = layer.get("digest") if isinstance(layer, dict) else None
     size = layer.get("size") if isinstance(layer, dict) else None
-    if not isinstance(digest, str) or not valid_digest(digest):
+    if not isinstance(digest, str) or not digest_mod.is_valid(digest):
         raise invalid(f"first layer has an invalid digest {quote_untrusted(digest)}")
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise invalid(f"first layer has an invalid size {quote_untrusted(size, 40)}")
@@ -256,13 +240,13 @@ def _untyped(config_type: object, artifact_type: object) -> str:
 
 def held_layer_usable(layer: Layer, held: bytes) -> bool:
     """Bytes already held (the cache) are the layer: same size, same digest, hashed again."""
-    return len(held) == layer.size and digest_matches(layer.digest, held)
+    return len(held) == layer.size and digest_mod.matches(layer.digest, held)
 
 
 def check_layer(ref: Reference, layer: Layer, data: bytes, url: str | None = None) -> bytes:
     """``data`` as downloaded for ``layer``, unless it does not hash to it or is empty."""
     info: dict[str, Any] = {"registry": ref.registry, "url": url}
-    if not digest_matches(layer.digest, data):
+    if not digest_mod.matches(layer.digest, data):
         raise InvalidArtifact(str(ref), "layer digest mismatch: the content does not match "
                               "the descriptor's digest", **info)
     if not data:

@@ -62,6 +62,7 @@ from urllib.parse import urlsplit
 import httpcore
 import httpx
 
+from nri_seccomp import digest as digest_mod
 from nri_seccomp.bounded import quote_untrusted
 from nri_seccomp.decide.reference import Reference
 from nri_seccomp.registry import auth, netguard
@@ -78,7 +79,6 @@ from nri_seccomp.registry.artifact import (
     first_layer,
     held_layer_usable,
     parse_manifest,
-    valid_digest,
 )
 from nri_seccomp.registry.credentials import Credentials
 from nri_seccomp.registry.errors import (
@@ -286,7 +286,7 @@ class ArtifactFetcher:
             return (await self._manifest(call, MAX_MANIFEST)).digest
         header = str(resp.headers.get("Docker-Content-Digest", ""))
         await resp.aclose()
-        if not valid_digest(header):
+        if not digest_mod.is_valid(header):
             return (await self._manifest(call, MAX_MANIFEST)).digest
         if ref.digest is not None and header != ref.digest:
             raise InvalidArtifact(call.key, "manifest digest mismatch: the registry's manifest "

@@ -24,13 +24,11 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
-import hashlib
 import itertools
 import json
 import logging
 import math
 import os
-import re
 import stat
 import threading
 import time
@@ -38,12 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from nri_seccomp import digest as digest_mod
 from nri_seccomp.errors import NriSeccompError
 
 log = logging.getLogger(__name__)
 
-_DIGEST = re.compile(r"sha256:[a-f0-9]{64}")
-_HEX = re.compile(r"[a-f0-9]{64}")
 TMP_PREFIX = ".tmp-"
 INDEX_NAME = "index.json"
 PID_NAME = "lock"
@@ -87,17 +84,6 @@ class IndexEntry:
 class _Blob:
     size: int
     last_used: float
-
-
-def check_digest(digest: str) -> str:
-    """The hex part of a sha256 digest; anything else is refused before touching the disk."""
-    if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
-        raise ValueError(f"not a sha256 digest: {str(digest)[:80]!r}")
-    return digest[7:]
-
-
-def sha256_digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def _why(exc: OSError) -> str:
@@ -220,7 +206,7 @@ class Cache:
         try:
             with os.scandir(self._blob_dir) as it:
                 for entry in it:
-                    if not _HEX.fullmatch(entry.name):
+                    if not digest_mod.PATTERNS["sha256"].fullmatch(entry.name):
                         continue
                     try:
                         st = entry.stat(follow_symlinks=False)
@@ -246,7 +232,7 @@ class Cache:
                 if not (math.isfinite(fetched_at) and math.isfinite(last_used)):
                     raise ValueError(f"{ref}: time is not a finite number")
                 digest = str(e["digest"])
-                check_digest(digest)
+                digest_mod.sha256_hex(digest)
                 entries[str(ref)] = IndexEntry(digest, fetched_at, last_used)
             return entries
         except FileNotFoundError:
@@ -302,7 +288,7 @@ class Cache:
             return sum(b.size for b in self._blobs.values())
 
     def blob_path(self, digest: str) -> Path:
-        return self._blob_dir / check_digest(digest)
+        return self._blob_dir / digest_mod.sha256_hex(digest)
 
     def get_blob(self, digest: str) -> bytes | None:
         """The verified content of ``digest``, or None; damaged files are deleted, never served.
@@ -310,7 +296,7 @@ class Cache:
         Always re-hashed: 16 KiB is ~10 µs and the 1 MiB maximum ~0.6 ms, which
         is not worth trusting file metadata to vouch for the content.
         """
-        hexd = check_digest(digest)
+        hexd = digest_mod.sha256_hex(digest)
         self._check_open()
         path = self._blob_dir / hexd
         try:
@@ -331,7 +317,7 @@ class Cache:
                 log.warning("cached blob %s is not a regular file; ignored", path)
                 return None
             data = f.read()
-            actual = sha256_digest(data)
+            actual = digest_mod.sha256(data)
             if actual != digest:
                 log.warning("cached blob %s is damaged (expected %s, content is %s, %d bytes); "
                             "deleted, it will be fetched again", path, digest, actual, len(data))
@@ -342,7 +328,7 @@ class Cache:
 
     def touch(self, digest: str) -> None:
         """Mark ``digest`` as just used, for LRU eviction (get_blob does this on a hit)."""
-        hexd = check_digest(digest)
+        hexd = digest_mod.sha256_hex(digest)
         self._check_open()
         try:
             fd = os.open(self._blob_dir / hexd, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -392,8 +378,8 @@ class Cache:
     def put_blob(self, data: bytes, expected_digest: str | None = None) -> str:
         """Store ``data``; its digest is returned. Raises CacheIntegrityError, CacheWriteError."""
         if expected_digest is not None:
-            check_digest(expected_digest)
-        digest = sha256_digest(data)
+            digest_mod.sha256_hex(expected_digest)
+        digest = digest_mod.sha256(data)
         if expected_digest is not None and digest != expected_digest:
             raise CacheIntegrityError(
                 f"refusing to cache {len(data)} bytes as {expected_digest}: content is {digest}"
@@ -492,7 +478,7 @@ class Cache:
 
     def record(self, reference: str, digest: str, fetched_at: float | None = None) -> None:
         """Point ``reference`` at ``digest`` (put_blob first), durably; raises CacheWriteError."""
-        hexd = check_digest(digest)
+        hexd = digest_mod.sha256_hex(digest)
         if not isinstance(reference, str) or not reference:
             raise ValueError(f"not a reference: {reference!r}")
         now = time.time()
