@@ -42,7 +42,7 @@ from nri_seccomp.memo import BoundedMap, Busy, KeyedLimiter, SingleFlight
 from nri_seccomp.nri.pb import nri_pb2
 from nri_seccomp.registry import artifact, errors
 from nri_seccomp.seccomp import model
-from nri_seccomp.seccomp.worker import CompileBudgetExceeded, PreparedProfile, prepare_inline
+from nri_seccomp.seccomp.worker import CompileBudgetExceeded, PreparedProfile
 from nri_seccomp.storage import cache
 
 log = logging.getLogger(__name__)
@@ -411,21 +411,3 @@ class ProfileStore:
         )
         self._compiled.put(digest, compiled)
         return compiled
-
-
-class InlineCompiler:
-    """Compiles in a thread of this process: for tests and tools, not for the plugin.
-
-    A thread cannot stop libseccomp, so this has no budget beyond the profile
-    checks' own caps; the plugin uses ``worker.SeccompWorkers``.
-    """
-
-    def __init__(self, executor: Executor | None = None) -> None:
-        self._executor = executor
-
-    async def prepare(
-        self, data: bytes, node: model.NodeContext, unknown_syscalls: str
-    ) -> PreparedProfile:
-        return await asyncio.get_running_loop().run_in_executor(
-            self._executor, prepare_inline, data, node, unknown_syscalls)
-
