@@ -26,7 +26,10 @@ def cpu_seconds(pid: int) -> float:
         p = todo.pop()
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+            # every thread's children: a child started from a worker thread (the compile
+            # workers' fork server is) is not listed under the main thread
+            children = [c for task in Path(f"/proc/{p}/task").iterdir()
+                        for c in (task / "children").read_text().split()]
         except OSError:
             continue
         # utime, stime, cutime, cstime: fields 14-17 of stat (here counted after the name)
