@@ -54,3 +54,10 @@ def debian_profile(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     assert SYSTEM_PROFILE.exists(), (
         f"{SYSTEM_PROFILE} is missing: install golang-github-containers-common (make deps)")
     return SYSTEM_PROFILE.read_bytes()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # the fast subset runs a tenth of each property test's examples (tests/examples.py)
+    from tests import examples
+
+    examples.FAST = "not integration" in (config.option.markexpr or "")

@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 
 from nri_seccomp.seccomp import argset as A
 
+from .examples import examples
+
 M32, M64 = A.M32, A.M64
 #: Debian's (and Docker's) personality rules: the values allowed, the rest gets the default
 PERSONALITY = [0x0, 0x8, 0x20000, 0x20008, 0xFFFFFFFF]
@@ -169,7 +171,7 @@ def probes_for(ranges: list[A.Range], extra: list[int], bits: int = 64) -> set[i
     return neighbours([v for r in ranges for v in r] + extra, bits)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(allowed=allowed_ranges(), extra=st.lists(values64, max_size=8))
 def test_blocks_cover_exactly_the_complement(allowed: list[A.Range], extra: list[int]) -> None:
     """Every 64-bit value is in exactly one block iff it is outside the allowed set."""
@@ -182,7 +184,7 @@ def test_blocks_cover_exactly_the_complement(allowed: list[A.Range], extra: list
         assert sum(in_block(x, b) for b in blocks) == (0 if inside else 1), hex(x)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(allowed=allowed_ranges(), extra=st.lists(values64, max_size=8))
 def test_conditions_match_exactly_the_complement(allowed: list[A.Range], extra: list[int]
                                                  ) -> None:
@@ -194,7 +196,7 @@ def test_conditions_match_exactly_the_complement(allowed: list[A.Range], extra: 
         assert hits == (0 if A.contains(allowed, x) else 1), hex(x)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(allowed=allowed_ranges(), extra=st.lists(values64, max_size=8))
 def test_encoded_for_32_bit_architectures_too(allowed: list[A.Range], extra: list[int]) -> None:
     """With 32-bit architectures in the policy, the conditions must mean the 64-bit set
@@ -212,7 +214,7 @@ def test_encoded_for_32_bit_architectures_too(allowed: list[A.Range], extra: lis
         assert hit == A.contains(narrow, x), hex(x)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(allowed=st.lists(st.integers(0, M32), max_size=8))
 def test_allowed_values_below_2_32_always_encode(allowed: list[int]) -> None:
     """Sets like Debian's (values of 32 bits or less allowed): always expressible."""

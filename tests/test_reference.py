@@ -8,6 +8,8 @@ from hypothesis import strategies as st
 
 from nri_seccomp.decide.reference import MAX_LENGTH, Reference, ReferenceError, parse
 
+from .examples import examples
+
 D = "sha256:" + "a" * 64
 D512 = "sha512:" + "b" * 128
 
@@ -136,7 +138,7 @@ _near_miss = st.text(alphabet="ab0-_.:/@[]Ashz\x00 %é", max_size=60) | st.build
 
 
 @given(st.text(max_size=300) | _near_miss)
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=examples(1000), deadline=None)
 @example("a" * 5000)
 @example("[")
 @example("a:1/b")
@@ -156,7 +158,7 @@ def test_fuzz_only_reference_error_and_round_trip(value: str) -> None:
 
 
 @given(_host, st.lists(_component, min_size=1, max_size=4), _tag, st.none() | _digest)
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 def test_fuzz_valid_names_parse(host: str, components: list[str], tag: str,
                                 digest: str | None) -> None:
     repo = "/".join(components)

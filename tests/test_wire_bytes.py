@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from nri_seccomp.nri import mux, ttrpc
 from nri_seccomp.nri.pb import nri_pb2, ttrpc_pb2
 
+from .examples import examples
 from .wire import wire_dirs
 
 
@@ -200,7 +201,7 @@ _frame = st.tuples(st.integers(1, 5), st.binary(max_size=64))
 
 
 @given(st.lists(_frame, max_size=8), st.lists(st.integers(1, 40), min_size=1, max_size=20))
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 def test_demuxer_any_split(frames: list[tuple[int, bytes]], cuts: list[int]) -> None:
     data = b"".join(mux.encode(c, p) for c, p in frames)
     demux = mux.Demuxer()
@@ -217,7 +218,7 @@ def test_demuxer_any_split(frames: list[tuple[int, bytes]], cuts: list[int]) -> 
 
 
 @given(st.binary(max_size=512))
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=examples(500), deadline=None)
 def test_demuxer_garbage_never_crashes(data: bytes) -> None:
     demux = mux.Demuxer(max_payload=1024)
     try:
