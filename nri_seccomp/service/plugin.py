@@ -168,9 +168,11 @@ class SeccompPlugin:
             if started >= self.config.prefetch_per_pod:
                 skipped += 1
                 continue
-            if self.services.store.prefetch(ref, owner=pod.namespace):
-                started += 1
-                self._warm(ref, pod.namespace)
+            # fetched and compiled unless it is already, then translated for this runtime
+            # (translations are forgotten when the runtime reconnects, profiles are not)
+            self.services.store.prefetch(ref, owner=pod.namespace)
+            started += 1
+            self._warm(ref, pod.namespace)
         if skipped:
             log.info("pod %s/%s names %d more profiles than prefetch_per_pod (%d); they are "
                      "fetched when a container asks", pod.namespace, pod.name, skipped,
