@@ -184,3 +184,22 @@ def test_pod_creation_prepares_the_answer_before_the_container_asks() -> None:
 
     assert asyncio.run(go()) is not None
     assert workers.translated == 1 and reg.calls == [REF]  # type: ignore[attr-defined]
+
+
+def test_pod_creation_translates_a_cached_profile_again_after_a_reconnect() -> None:
+    reg = FakeRegistry({REF: PROFILE})
+    plugin = handler(C23, reg)
+    assert plugin.services is not None
+    workers = plugin.services.workers
+
+    async def go() -> None:
+        await plugin.create_container(pod({f"{KEY_V1}/POD": REF}), ctr(), time.monotonic() + 2)
+        await plugin.on_disconnect()  # the runtime restarted: translations are forgotten
+        await plugin.run_pod_sandbox(pod({f"{KEY_V1}/POD": REF}))
+        for _ in range(100):
+            if workers.translated == 2:  # type: ignore[attr-defined]
+                return
+            await asyncio.sleep(0.01)
+
+    asyncio.run(go())
+    assert workers.translated == 2 and reg.calls == [REF]  # type: ignore[attr-defined]
