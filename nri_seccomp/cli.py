@@ -28,6 +28,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="run as an external plugin even if NRI_PLUGIN_SOCKET is set")
     p.add_argument("--name", help="plugin name (default: NRI_PLUGIN_NAME or file name)")
     p.add_argument("--idx", help="plugin index, two digits (default: NRI_PLUGIN_IDX or file name)")
+    p.add_argument("--ready-file", metavar="PATH",
+                   help="keep this file while registered with the runtime: written (time, "
+                   "runtime) once RegisterPlugin succeeds, removed when the connection ends "
+                   "(a liveness probe's `test -f`)")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-file", metavar="PATH",
@@ -112,6 +116,7 @@ def main(
             name=args.name or ("seccomp-oci" if socket_path else None),
             idx=args.idx or ("10" if socket_path else None),
             socket_path=socket_path,
+            ready_file=args.ready_file,
         )
     except stub.StubError as exc:
         logging.getLogger("nri_seccomp").error("%s", exc)

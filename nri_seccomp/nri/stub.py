@@ -180,8 +180,11 @@ class Stub:
         socket_path: str = DEFAULT_SOCKET_PATH,
         reconnect: bool = True,
         nri_version: str = API_VERSION,
+        ready_file: str | None = None,
     ) -> None:
         self.plugin = plugin
+        self._ready_file = ready_file
+        self._registered = False
         self.identity = identity
         self._sock = sock
         self._socket_path = socket_path
@@ -204,6 +207,7 @@ class Stub:
         name: str | None = None,
         idx: str | None = None,
         socket_path: str | None = None,
+        ready_file: str | None = None,
     ) -> Stub:
         """Pre-installed when NRI_PLUGIN_SOCKET is set, external otherwise."""
         env = os.environ if environ is None else environ
@@ -217,13 +221,17 @@ class Stub:
                 raise StubError(
                     f"NRI_PLUGIN_SOCKET={fd_text!r} is not a usable socket: {exc}"
                 ) from exc
-            return cls(plugin, identity, sock=sock)
-        return cls(plugin, identity, socket_path=socket_path or DEFAULT_SOCKET_PATH)
+            return cls(plugin, identity, sock=sock, ready_file=ready_file)
+        return cls(plugin, identity, socket_path=socket_path or DEFAULT_SOCKET_PATH,
+                   ready_file=ready_file)
 
     # ---- running -----------------------------------------------------------
 
     async def run(self) -> None:
         """Serve until the runtime goes away (pre-installed) or until shut down (external)."""
+        # a file left by a process that was killed (kill -9 skips the clean-up) would
+        # claim a registration that no longer exists
+        self._remove_ready_file()
         if self._sock is not None:
             reader, writer = await asyncio.open_connection(sock=self._sock)
             await self._session(reader, writer)
@@ -275,8 +283,12 @@ class Stub:
         ]
         try:
             await self._register(client)
+            self._registered = True
+            self._write_ready_file()
             await tasks[0]
         finally:
+            self._registered = False
+            self._remove_ready_file()
             m.close()
             for task in tasks:
                 task.cancel()
@@ -312,6 +324,41 @@ class Stub:
         if self._mux is not None:
             self._mux.close()
 
+    # ---- the ready file ------------------------------------------------------
+
+    def _write_ready_file(self) -> None:
+        """Say, in a file, that we are registered: written whole (rename), so a reader
+        (an exec probe's ``test -f``) never sees a half-written one."""
+        if self._ready_file is None:
+            return
+        runtime = " ".join(p for p in (self.runtime.name, self.runtime.version) if p)
+        text = (
+            f"registered: {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n"
+            f"plugin: {self.identity.idx}-{self.identity.name}\n"
+            f"runtime: {runtime or 'unknown (not configured yet)'}\n"
+        )
+        directory = os.path.dirname(os.path.abspath(self._ready_file))
+        tmp = os.path.join(directory, f".{os.path.basename(self._ready_file)}.{os.getpid()}")
+        try:
+            os.makedirs(directory, mode=0o755, exist_ok=True)
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(tmp, self._ready_file)
+        except OSError as exc:
+            log.error("cannot write the ready file %s: %s", self._ready_file, exc)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+    def _remove_ready_file(self) -> None:
+        if self._ready_file is None:
+            return
+        try:
+            os.unlink(self._ready_file)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.error("cannot remove the ready file %s: %s", self._ready_file, exc)
+
     # ---- plugin service ----------------------------------------------------
 
     def _handlers(self) -> dict[str, ttrpc.Handler]:
@@ -342,6 +389,9 @@ class Stub:
         )
         await self._call_optional("configure", req.config, self.runtime)
         self.configured.set()
+        if self._registered:
+            # the runtime's name arrives with Configure, usually after registration
+            self._write_ready_file()
         return nri_pb2.ConfigureResponse(events=event_mask(self.plugin)).SerializeToString()
 
     async def _synchronize(self, payload: bytes, call: ttrpc.Call) -> bytes:
@@ -442,10 +492,12 @@ def run_plugin(
     name: str | None = None,
     idx: str | None = None,
     socket_path: str | None = None,
+    ready_file: str | None = None,
 ) -> int:
     """Blocking entry point for a console script."""
     stub = Stub.from_environment(
-        plugin, argv0=argv[0], name=name, idx=idx, socket_path=socket_path
+        plugin, argv0=argv[0], name=name, idx=idx, socket_path=socket_path,
+        ready_file=ready_file,
     )
 
     async def serve() -> None:

@@ -1,0 +1,181 @@
+"""--ready-file: the file exists exactly while the plugin is registered with the runtime
+(the DaemonSet's liveness and readiness probes are `test -f` on it)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import tempfile
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from devtools import driver
+from nri_seccomp import cli
+from nri_seccomp.nri import stub
+
+
+def run(coro: Coroutine[Any, Any, Any], timeout: float = 20) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+async def until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not cond():
+        if loop.time() > end:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.01)
+
+
+class _Plugin:
+    async def configure(self, config: str, runtime: stub.RuntimeInfo) -> None:
+        return None
+
+
+IDENTITY = stub.Identity(name="seccomp-oci", idx="10")
+
+
+def test_cli_accepts_ready_file() -> None:
+    args = cli._parser().parse_args(["--external", "--ready-file", "/run/nri-seccomp/ready"])
+    assert args.ready_file == "/run/nri-seccomp/ready"
+    assert cli._parser().parse_args([]).ready_file is None
+
+
+def test_external_ready_file_follows_registration() -> None:
+    """Absent before registering, present (time, plugin, runtime) once registered, gone when
+    the runtime closes the connection and all the while the stub dials again, back once it
+    has registered again."""
+
+    async def scenario(tmp: Path) -> None:
+        sock_path = str(tmp / "nri.sock")
+        ready = tmp / "state" / "ready"  # its directory does not exist yet
+        listener = driver.ExternalListener(sock_path)
+        await listener.start()
+        s = stub.Stub(_Plugin(), IDENTITY, socket_path=sock_path, ready_file=str(ready))
+        task = asyncio.create_task(s.run())
+        try:
+            conn = await asyncio.wait_for(listener.connections.get(), 5)
+            await asyncio.wait_for(conn.registered.wait(), 5)
+            await until(ready.exists)
+            await conn.handshake()
+            await until(lambda: "containerd v2.3.0" in ready.read_text())
+            text = ready.read_text()
+            assert "plugin: 10-seccomp-oci" in text
+            assert text.startswith("registered: 20")
+            # written by rename: no temporary file is left beside it
+            assert os.listdir(ready.parent) == ["ready"]
+
+            # the runtime goes away (EOF) and stays away: no ready file while reconnecting
+            await listener.stop()
+            conn.close("containerd restarting")
+            await until(lambda: not ready.exists())
+            await asyncio.sleep(0.5)  # several dial attempts fail meanwhile
+            assert not ready.exists()
+            assert not task.done()
+
+            # the runtime is back: registered again, the file with it
+            await listener.start()
+            conn2 = await asyncio.wait_for(listener.connections.get(), 10)
+            await conn2.handshake()
+            await until(ready.exists)
+            conn2.close()
+            await until(lambda: not ready.exists())
+        finally:
+            s.close()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await listener.stop()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run(scenario(Path(tmp)))
+
+
+def test_stale_ready_file_is_removed_at_start() -> None:
+    """A file left by a killed process (kill -9 skips the clean-up; an emptyDir keeps it
+    across container restarts) must not claim a registration: gone before the first dial."""
+
+    async def scenario(tmp: Path) -> None:
+        ready = tmp / "ready"
+        ready.write_text("registered: long ago\n")
+        s = stub.Stub(_Plugin(), IDENTITY, socket_path=str(tmp / "absent.sock"),
+                      ready_file=str(ready))
+        task = asyncio.create_task(s.run())
+        try:
+            await until(lambda: not ready.exists())
+            await asyncio.sleep(0.3)
+            assert not ready.exists()  # no runtime to register with
+        finally:
+            s.close()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run(scenario(Path(tmp)))
+
+
+def test_failed_registration_writes_no_ready_file() -> None:
+    """A runtime that refuses RegisterPlugin (here: never answers it) leaves no file."""
+
+    async def scenario(tmp: Path) -> None:
+        ready = tmp / "ready"
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        s = stub.Stub(_Plugin(), IDENTITY, sock=theirs, ready_file=str(ready))
+        task = asyncio.create_task(s.run())
+        await asyncio.sleep(0.3)
+        assert not ready.exists()
+        ours.close()  # EOF before any answer
+        await asyncio.gather(task, return_exceptions=True)
+        assert not ready.exists()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run(scenario(Path(tmp)))
+
+
+def test_preinstalled_ready_file_gone_at_eof() -> None:
+    """Pre-installed (socket handed over): present once registered, removed at EOF, when
+    the stub returns."""
+
+    async def scenario(tmp: Path) -> None:
+        ready = tmp / "ready"
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        s = stub.Stub(_Plugin(), IDENTITY, sock=theirs, ready_file=str(ready))
+        task = asyncio.create_task(s.run())
+        reader, writer = await asyncio.open_connection(sock=ours)
+        conn = driver.PluginConnection.start(reader, writer, driver.RuntimeVersion(), 2.0, 5.0)
+        await conn.handshake()
+        await until(ready.exists)
+        assert "runtime: containerd v2.3.0" in ready.read_text()
+        await conn.wait_closed()
+        await asyncio.wait_for(task, 5)
+        assert not ready.exists()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run(scenario(Path(tmp)))
+
+
+@pytest.mark.integration
+def test_plugin_process_ready_file() -> None:
+    """The real entry point (`python -m nri_seccomp --ready-file`), started as containerd
+    starts a pre-installed plugin: the file appears once registered and is gone once the
+    runtime closes the socket and the process has exited."""
+
+    async def scenario(tmp: Path) -> None:
+        ready = tmp / "ready"
+        conn = await driver.spawn_plugin(
+            driver.plugin_command("--ready-file", str(ready)),
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        try:
+            await asyncio.wait_for(conn.registered.wait(), 15)
+            await until(ready.exists, 10)
+        finally:
+            code = await conn.wait_closed(10)
+        assert code == 0
+        assert not ready.exists()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run(scenario(Path(tmp)), 40)
