@@ -14,6 +14,7 @@ runtime then drops the plugin from the node. Log records are cut by
 from __future__ import annotations
 
 import logging
+import time
 from urllib.parse import urlsplit, urlunsplit
 
 #: bytes of a status message the runtime receives (containerd shows it to the pod's author)
@@ -73,14 +74,42 @@ class BoundedFormatter(logging.Formatter):
 
     Newlines in the message are escaped so that text from a registry cannot
     start a forged line; a traceback keeps its lines but is cut too.
+
+    The plugin writes a line per container decision, thousands a second under
+    load, and the generic path (a ``%`` format over the record's ``__dict__``, a
+    ``strftime`` per record) cost more than the decision itself. With the
+    default format (:data:`LINE_FORMAT`) a record is joined directly, and the
+    time stamp's text is computed once per second.
     """
 
     def __init__(self, fmt: str | None = None, limit: int = MAX_LOG) -> None:
         super().__init__(fmt)
         self.limit = limit
+        self._fast = fmt == LINE_FORMAT
+        self._second = -1
+        self._stamp = ""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if not self._fast or record.exc_info or record.exc_text or record.stack_info:
+            return super().format(record)
+        record.message = record.getMessage()
+        return self.line(record.created, record.levelname, record.name, record.message)
+
+    def line(self, created: float, level: str, name: str, message: str) -> str:
+        """The default format's line, from its parts."""
+        second = int(created)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime(self.default_time_format, self.converter(second))
+        msecs = int((created - second) * 1000)
+        return cut(clean(f"{self._stamp},{msecs:03d} {level} {name}: {message}"), self.limit)
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         return cut(clean(super().formatMessage(record)), self.limit)
 
     def formatException(self, ei: object) -> str:
         return cut(super().formatException(ei), self.limit)  # type: ignore[arg-type]
+
+
+#: the plugin's line: time, level, logger, message (syslog adds its own time)
+LINE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"

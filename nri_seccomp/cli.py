@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 
 from nri_seccomp.bounded import BoundedFormatter
 from nri_seccomp.lazy import LazySeccompPlugin
+from nri_seccomp.logline import LineHandler, RotatingLineHandler
 from nri_seccomp.nri import stub
 
 
@@ -50,7 +51,6 @@ def _parser() -> argparse.ArgumentParser:
 LOG_FILE_BYTES = 10 * 1024 * 1024
 LOG_FILE_BACKUPS = 3
 SYSLOG_SOCKET = "/dev/log"
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def log_handler(args: argparse.Namespace) -> logging.Handler:
@@ -60,11 +60,8 @@ def log_handler(args: argparse.Namespace) -> logging.Handler:
     if args.log_file:
         directory = os.path.dirname(os.path.abspath(args.log_file))
         os.makedirs(directory, mode=0o750, exist_ok=True)
-        handler = logging.handlers.RotatingFileHandler(
-            args.log_file, maxBytes=max(args.log_file_bytes, 4096),
-            backupCount=LOG_FILE_BACKUPS, encoding="utf-8",
-        )
-        handler.setFormatter(BoundedFormatter(LOG_FORMAT))
+        handler = RotatingLineHandler(
+            args.log_file, max_bytes=max(args.log_file_bytes, 4096), backups=LOG_FILE_BACKUPS)
     elif args.log_syslog:
         handler = logging.handlers.SysLogHandler(
             address=args.log_syslog, facility=logging.handlers.SysLogHandler.LOG_DAEMON
@@ -73,8 +70,7 @@ def log_handler(args: argparse.Namespace) -> logging.Handler:
         handler.ident = f"nri-seccomp[{os.getpid()}]: "
         handler.setFormatter(BoundedFormatter("%(levelname)s %(name)s: %(message)s"))
     else:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(BoundedFormatter(LOG_FORMAT))
+        handler = LineHandler(sys.stderr)
     return handler
 
 

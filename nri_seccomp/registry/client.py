@@ -98,6 +98,8 @@ T = TypeVar("T")
 #: JSON bodies larger than this are parsed off the event loop
 JSON_ON_LOOP = 64 * 1024
 MAX_REDIRECTS = 3
+#: repositories whose allow-list answer is remembered (then forgotten all at once)
+ALLOWED_NAMES_KEPT = 4096
 _ERROR_BODY = 2048
 _REDIRECTS = (301, 302, 303, 307, 308)
 #: the distribution spec's error codes: the only words of an error body put in a message
@@ -161,6 +163,7 @@ class ArtifactFetcher:
         self._credentials = Credentials(settings.docker_config)
         self._explicit = netguard.explicit_hosts(settings)
         self._ssl = netguard.ssl_context(settings)
+        self._allowed_names: dict[str, bool] = {}
         self._http: httpx.AsyncClient | None = None
         self._http_loop: asyncio.AbstractEventLoop | None = None
         if not settings.tls_verify:
@@ -227,10 +230,18 @@ class ArtifactFetcher:
     def check_allowed(self, ref: Reference) -> None:
         """PolicyError unless ``registry.allowed`` lists the repository (image lookups too)."""
         name = ref.name
+        # asked on every container creation, cache hits included: the answer for a
+        # repository is kept for this client's life (its settings never change)
+        if self._allowed_names.get(name):
+            return
         if not self.settings.allowed:
             raise PolicyError(str(ref), "registry.allowed is empty: list the registries "
                               "profiles may come from", registry=ref.registry)
-        if not any(fnmatch.fnmatchcase(name, pattern) for pattern in self.settings.allowed):
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.settings.allowed):
+            if len(self._allowed_names) >= ALLOWED_NAMES_KEPT:
+                self._allowed_names.clear()
+            self._allowed_names[name] = True
+        else:
             raise PolicyError(
                 str(ref),
                 f"repository {name} is not in the allowed registries "

@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import Awaitable
 
-from nri_seccomp import config, wiring
+from nri_seccomp import config, logline, wiring
 from nri_seccomp.decide import policy, reference, resolver, runtimes
 from nri_seccomp.errors import Kind, NriSeccompError, Refusal
 from nri_seccomp.memo import BoundedMap
@@ -58,8 +58,10 @@ class SeccompPlugin:
         self._retired: set[asyncio.Task[None]] = set()
         #: background preparations started at pod creation
         self._warming: set[asyncio.Task[None]] = set()
+        #: bumped at each Configure: translations depend on the runtime and the config
+        self._generation = 0
         self._translations: BoundedMap[
-            tuple[str, runtimes.RuntimeCaps, bool], asyncio.Future[Answer]
+            tuple[str, int], asyncio.Future[Answer]
         ] = BoundedMap(TRANSLATIONS_KEPT, TRANSLATIONS_BYTES, _translation_bytes)
 
     # ---- lifecycle -----------------------------------------------------------
@@ -92,6 +94,7 @@ class SeccompPlugin:
         logging.getLogger("nri_seccomp").setLevel(cfg.log_level.upper())
         previous = self.config
         self.config, self.caps, self.runtime = cfg, caps, runtime
+        self._generation += 1
         self._translations.clear()
         log.info(
             "runtime %s: seccomp adjustment %s, errnoRet %s, defaultErrnoRet %s",
@@ -275,9 +278,9 @@ class SeccompPlugin:
             raise Refusal(Kind.FORBIDDEN, f"{ref}: {translation.refusal}")
         for warning in translation.warnings:
             log.warning("container %s/%s: %s", pod.name, container.name, warning)
-        log.info("%s; applying seccomp profile %s (%s, %s) to container %s/%s/%s",
-                 match.log_line, ref, ready.compiled.digest, ready.source, pod.namespace,
-                 pod.name, container.name)
+        logline.decision(log, f"{match.log_line}; applying seccomp profile {ref} "
+                         f"({ready.compiled.digest}, {ready.source}) to container "
+                         f"{pod.namespace}/{pod.name}/{container.name}")
         return translation
 
     async def _image_annotations(
@@ -321,7 +324,9 @@ class SeccompPlugin:
         self, ref: reference.Reference, compiled: Compiled, deadline: float
     ) -> Answer:
         """The policy as this runtime can carry it; memoized, computed in a worker process."""
-        key = (compiled.digest, self.caps, self.config.allow_errno_degrade)
+        # the runtime and errno settings change only at Configure, which bumps the
+        # generation: hashing a short tuple per request instead of the capabilities
+        key = (compiled.digest, self._generation)
         fut = self._translations.get(key)
         if fut is None:
             assert self.services is not None
@@ -356,7 +361,7 @@ class SeccompPlugin:
                          policy.profile_refusal(compiled.policy, self.config.allow_listener))
 
     def _resize(
-        self, key: tuple[str, runtimes.RuntimeCaps, bool], fut: asyncio.Future[Answer]
+        self, key: tuple[str, int], fut: asyncio.Future[Answer]
     ) -> None:
         if self._translations.get(key) is fut:
             self._translations.put(key, fut)
