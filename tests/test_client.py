@@ -16,8 +16,9 @@ from devtools.badregistry import BadRegistry
 from devtools.registry import LocalRegistry, digest_of
 from nri_seccomp.decide.reference import parse
 from nri_seccomp.registry import artifact, errors
+from nri_seccomp.registry.client import FetchSettings
 
-from .fetching import PROFILE, fetch, fetcher, head, self_signed
+from .fetching import PROFILE, fetch, fetcher, head, run, self_signed
 
 pytestmark = pytest.mark.integration  # real processes: plugin, registries, servers
 
@@ -283,6 +284,24 @@ def test_one_byte_per_second_never_exceeds_the_deadline(mode: str) -> None:
             fetch(fetcher(bad.address, timeout=5.0), parse(f"{bad.address}/x/y:t"),
                                                      deadline=time.monotonic() + 1.2)
         assert time.monotonic() - t0 < 1.4
+
+
+def test_profile_fetch_has_the_background_per_call_bound() -> None:
+    """A profile fetch runs in the background (the store's task, after the answer said
+    "retry"): ``background_timeout`` bounds its calls; an image lookup keeps ``timeout``."""
+    with BadRegistry("hang") as bad:
+        f = fetcher(bad.address, timeout=0.2, background_timeout=0.6)
+        ref = parse(f"{bad.address}/x/y:t")
+        t0 = time.monotonic()
+        with pytest.raises(errors.RegistryUnavailable, match=r"did not answer within 0\.60s"):
+            fetch(f, ref)
+        assert 0.55 < time.monotonic() - t0 < 1.0
+        t0 = time.monotonic()
+        with pytest.raises(errors.RegistryUnavailable, match=r"did not answer within 0\.20s"):
+            run(f.manifest_annotations(ref, time.monotonic() + 5))
+        assert time.monotonic() - t0 < 0.5
+    with pytest.raises(ValueError, match=r"background_timeout \(0.1\) must be at least timeout"):
+        FetchSettings(timeout=0.5, background_timeout=0.1)
 
 
 def test_errors_carry_registry_url_status() -> None:
