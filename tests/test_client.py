@@ -318,18 +318,18 @@ def test_errors_carry_registry_url_status() -> None:
 
 
 def test_fetch_manifest_digest(registry: LocalRegistry) -> None:
-    d1 = registry.push_profile("recheck/p", "v1", PROFILE)
+    d1 = registry.push_profile("recheck/head", "v1", PROFILE)
     f = fetcher(registry.address)
-    ref = parse(f"{registry.address}/recheck/p:v1")
+    ref = parse(f"{registry.address}/recheck/head:v1")
     assert head(f, ref) == d1
-    d2 = registry.push_profile("recheck/p", "v1", PROFILE + b" ")
+    d2 = registry.push_profile("recheck/head", "v1", PROFILE + b" ")
     assert head(f, ref) == d2 != d1
     # a HEAD: nothing is downloaded
-    assert registry.count("manifests", "recheck/p", method="HEAD") == 2
-    assert registry.count("manifests", "recheck/p") == 0
-    assert head(f, parse(f"{registry.address}/recheck/p@{d1}")) == d1
+    assert registry.count("manifests", "recheck/head", method="HEAD") == 2
+    assert registry.count("manifests", "recheck/head") == 0
+    assert head(f, parse(f"{registry.address}/recheck/head@{d1}")) == d1
     with pytest.raises(errors.NotFound):
-        head(f, parse(f"{registry.address}/recheck/p:nope"))
+        head(f, parse(f"{registry.address}/recheck/head:nope"))
     with BadRegistry("ok") as bad:
         wrong = "sha256:" + "4" * 64
         with pytest.raises(errors.InvalidArtifact, match="manifest digest mismatch"):
