@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +30,14 @@ class ConfigError(ValueError, NriSeccompError):
 
 @dataclass(frozen=True)
 class RegistrySettings:
-    #: per HTTP call (connect and each read), seconds
+    #: per HTTP call (connect and each read), seconds, for image-annotation lookups
     timeout: float = 1.5
+    #: per HTTP call of a profile fetch: it goes on in the background after the answer
+    #: ("retry"), so a registry slower than the answer's deadline can still finish it
+    background_timeout: float = 10.0
+    #: one profile fetch in all (token, manifest, blob, redirects, waiting for a lane);
+    #: also how long a registry that drips bytes can hold a fetch lane
+    background_total: float = 60.0
     #: registries spoken to over plain HTTP, "host:port"
     insecure: tuple[str, ...] = ()
     tls_verify: bool = True
@@ -168,7 +174,7 @@ def _value(key: str, value: Any, where: str, default: Any) -> Any:
     if isinstance(default, RegistrySettings):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {_kind(value)}")
-        return _build(RegistrySettings, value, f"{where}.")
+        return _registry(_build(RegistrySettings, value, f"{where}."), value, where)
     if key == "runtime_overrides":
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {_kind(value)}")
@@ -240,8 +246,31 @@ _RANGES: dict[str, tuple[float, float]] = {
     "compile_wall_seconds": (0.1, 120.0),
     "compile_workers": (1, 16),
     "timeout": (0.05, 30.0),
+    "background_timeout": (0.05, 300.0),
+    # at least containerd's request timeout (2 s): the bound is for work the answer
+    # does not wait for; at most an hour, so nothing holds a lane for ever
+    "background_total": (2.0, 3600.0),
     "max_profile_bytes": (1024, MAX_PROFILE_BYTES),
 }
+
+
+def _registry(reg: RegistrySettings, given: Mapping[str, Any], where: str) -> RegistrySettings:
+    """The background bounds checked against the foreground one; left unset, they follow
+    a longer ``timeout`` instead of contradicting it (a configuration that raised
+    ``timeout`` to let slow registries finish keeps working)."""
+    if "background_timeout" not in given:
+        reg = replace(reg, background_timeout=max(reg.background_timeout, reg.timeout))
+    if "background_total" not in given:
+        reg = replace(reg, background_total=max(reg.background_total, reg.background_timeout))
+    # a background bound shorter than the foreground one would cut exactly the fetches
+    # it exists to let finish
+    if reg.background_timeout < reg.timeout:
+        raise ConfigError(f"{where}.background_timeout: {_num(reg.background_timeout)} must be "
+                          f"at least {where}.timeout ({_num(reg.timeout)})")
+    if reg.background_total < reg.background_timeout:
+        raise ConfigError(f"{where}.background_total: {_num(reg.background_total)} must be at "
+                          f"least {where}.background_timeout ({_num(reg.background_timeout)})")
+    return reg
 
 
 def _check_number(key: str, value: float, where: str) -> Any:

@@ -48,6 +48,7 @@ def fetcher(reg: config.RegistrySettings) -> ArtifactFetcher:
     return ArtifactFetcher(
         FetchSettings(
             timeout=reg.timeout,
+            background_timeout=reg.background_timeout,
             max_size=reg.max_profile_bytes,
             insecure_registries=frozenset(reg.insecure),
             tls_verify=reg.tls_verify,
@@ -84,6 +85,7 @@ def store_settings(cfg: config.Config) -> StoreSettings:
         owner_inflight_limit=cfg.namespace_inflight,
         refused_ttl=cfg.refused_ttl,
         failure_ttl=cfg.failure_ttl,
+        background_total=cfg.registry.background_total,
     )
 
 

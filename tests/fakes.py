@@ -38,6 +38,10 @@ class FakeRegistry:
     downloads: int = 0
     active: int = 0
     peak: int = 0
+    #: seconds each fetch takes, cut at the fetch's deadline as the real client cuts it
+    delay: float = 0.0
+    #: the deadline each fetch was given (time.monotonic())
+    deadlines: list[float] = field(default_factory=list)
 
     #: image reference → its manifest annotations
     images: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -71,11 +75,20 @@ class FakeRegistry:
         have: Callable[[str], Awaitable[bytes | None]] | None = None,
     ) -> artifact.Artifact:
         self.calls.append(str(ref))
+        self.deadlines.append(deadline)
         self.active += 1
         self.peak = max(self.peak, self.active)
         try:
             if self.gate is not None:
                 await self.gate.wait()
+            if self.delay:
+                try:
+                    async with asyncio.timeout(deadline - time.monotonic()):
+                        await asyncio.sleep(self.delay)
+                except TimeoutError:
+                    raise errors.RegistryUnavailable(
+                        str(ref), f"registry {ref.registry} did not answer before the deadline",
+                        registry=ref.registry) from None
             if self.down:
                 raise errors.RegistryUnavailable(str(ref), "cannot connect",
                                                  registry=ref.registry)

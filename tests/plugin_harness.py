@@ -71,14 +71,16 @@ async def plugin(
 
 
 def base_config(cache_dir: Path, registry: str, extra: str = "",
-                allowed: list[str] | None = None) -> str:
+                allowed: list[str] | None = None, registry_extra: str = "") -> str:
     """``registry`` is "host:port" or several, comma-separated: plain HTTP, each allowed
-    (``allowed`` replaces the default "host:port/*" patterns)."""
+    (``allowed`` replaces the default "host:port/*" patterns); ``registry_extra`` adds
+    keys to the ``registry`` mapping, in flow style ("timeout: 1, tls_verify: false")."""
     hosts = [h.strip() for h in registry.split(",") if h.strip()]
     patterns = allowed if allowed is not None else [f"{h}/*" for h in hosts]
     listed = ", ".join(f"'{p}'" for p in patterns)
+    more = f", {registry_extra}" if registry_extra else ""
     return (f"cache_dir: {cache_dir}\n"
-            f"registry: {{insecure: [{', '.join(hosts)}], allowed: [{listed}]}}\n{extra}")
+            f"registry: {{insecure: [{', '.join(hosts)}], allowed: [{listed}]{more}}}\n{extra}")
 
 
 def container(

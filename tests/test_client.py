@@ -16,8 +16,9 @@ from devtools.badregistry import BadRegistry
 from devtools.registry import LocalRegistry, digest_of
 from nri_seccomp.decide.reference import parse
 from nri_seccomp.registry import artifact, errors
+from nri_seccomp.registry.client import FetchSettings
 
-from .fetching import PROFILE, fetch, fetcher, head, self_signed
+from .fetching import PROFILE, fetch, fetcher, head, run, self_signed
 
 pytestmark = pytest.mark.integration  # real processes: plugin, registries, servers
 
@@ -285,6 +286,24 @@ def test_one_byte_per_second_never_exceeds_the_deadline(mode: str) -> None:
         assert time.monotonic() - t0 < 1.4
 
 
+def test_profile_fetch_has_the_background_per_call_bound() -> None:
+    """A profile fetch runs in the background (the store's task, after the answer said
+    "retry"): ``background_timeout`` bounds its calls; an image lookup keeps ``timeout``."""
+    with BadRegistry("hang") as bad:
+        f = fetcher(bad.address, timeout=0.2, background_timeout=0.6)
+        ref = parse(f"{bad.address}/x/y:t")
+        t0 = time.monotonic()
+        with pytest.raises(errors.RegistryUnavailable, match=r"did not answer within 0\.60s"):
+            fetch(f, ref)
+        assert 0.55 < time.monotonic() - t0 < 1.0
+        t0 = time.monotonic()
+        with pytest.raises(errors.RegistryUnavailable, match=r"did not answer within 0\.20s"):
+            run(f.manifest_annotations(ref, time.monotonic() + 5))
+        assert time.monotonic() - t0 < 0.5
+    with pytest.raises(ValueError, match=r"background_timeout \(0.1\) must be at least timeout"):
+        FetchSettings(timeout=0.5, background_timeout=0.1)
+
+
 def test_errors_carry_registry_url_status() -> None:
     with BadRegistry("status:500") as bad, \
             pytest.raises(errors.RegistryUnavailable) as info:
@@ -299,18 +318,18 @@ def test_errors_carry_registry_url_status() -> None:
 
 
 def test_fetch_manifest_digest(registry: LocalRegistry) -> None:
-    d1 = registry.push_profile("recheck/p", "v1", PROFILE)
+    d1 = registry.push_profile("recheck/head", "v1", PROFILE)
     f = fetcher(registry.address)
-    ref = parse(f"{registry.address}/recheck/p:v1")
+    ref = parse(f"{registry.address}/recheck/head:v1")
     assert head(f, ref) == d1
-    d2 = registry.push_profile("recheck/p", "v1", PROFILE + b" ")
+    d2 = registry.push_profile("recheck/head", "v1", PROFILE + b" ")
     assert head(f, ref) == d2 != d1
     # a HEAD: nothing is downloaded
-    assert registry.count("manifests", "recheck/p", method="HEAD") == 2
-    assert registry.count("manifests", "recheck/p") == 0
-    assert head(f, parse(f"{registry.address}/recheck/p@{d1}")) == d1
+    assert registry.count("manifests", "recheck/head", method="HEAD") == 2
+    assert registry.count("manifests", "recheck/head") == 0
+    assert head(f, parse(f"{registry.address}/recheck/head@{d1}")) == d1
     with pytest.raises(errors.NotFound):
-        head(f, parse(f"{registry.address}/recheck/p:nope"))
+        head(f, parse(f"{registry.address}/recheck/head:nope"))
     with BadRegistry("ok") as bad:
         wrong = "sha256:" + "4" * 64
         with pytest.raises(errors.InvalidArtifact, match="manifest digest mismatch"):

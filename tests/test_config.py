@@ -64,6 +64,15 @@ def test_registry_defaults_allow_nothing() -> None:
         ("registry: 5", "registry: expected a mapping, got int 5"),
         ("registry: {timeout: 0}", "registry.timeout: 0.0 is out of range [0.05, 30]"),
         ("registry: {timeout: fast}", "registry.timeout: expected a number of seconds, got str"),
+        ("registry: {timeout: 5, background_timeout: 2}", "registry.background_timeout: 2 "
+         "must be at least registry.timeout (5)"),
+        ("registry: {background_timeout: 30, background_total: 10}",
+         "registry.background_total: 10 must be at least registry.background_timeout (30)"),
+        ("registry: {background_total: 1}", "registry.background_total: 1.0 is out of range "
+         "[2, 3600]"),
+        ("registry: {background_total: .inf}", "registry.background_total: inf is out of range"),
+        ("registry: {background_timeout: .nan}", "registry.background_timeout: nan is out of "
+         "range"),
         ("registry: {max_profile_bytes: 2000000}", "registry.max_profile_bytes: 2000000 is out "
          "of range [1024, 1048576]"),
         ("registry: {tls_verify: 'no'}", "registry.tls_verify: expected true or false, got str"),
@@ -98,6 +107,19 @@ def test_bad_values(text: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         load(text)
     assert message in str(info.value)
+
+
+def test_background_bounds_are_well_above_the_answer() -> None:
+    """A profile fetch outlives the request that started it: its bounds are its own."""
+    reg = load("").registry
+    assert (reg.timeout, reg.background_timeout, reg.background_total) == (1.5, 10.0, 60.0)
+    # left unset, they follow a timeout raised above them rather than contradict it
+    reg = load("registry: {timeout: 20}").registry
+    assert (reg.background_timeout, reg.background_total) == (20.0, 60.0)
+    reg = load("registry: {background_timeout: 90}").registry
+    assert (reg.background_timeout, reg.background_total) == (90.0, 90.0)
+    reg = load("registry: {background_timeout: 3, background_total: 20}").registry
+    assert (reg.timeout, reg.background_timeout, reg.background_total) == (1.5, 3.0, 20.0)
 
 
 def test_image_annotations_fail_closed_from_containerd_by_default() -> None:

@@ -72,13 +72,16 @@ def test_bad_registry_answered_before_deadline(tmp_path: Path, mode: str, messag
 
 
 def test_hanging_registry_retry_gets_the_timeout(tmp_path: Path) -> None:
-    """The first answer comes after answer_wait; the kubelet's retry, once the per-call
-    timeout has passed, names what went wrong."""
+    """The first answer comes after answer_wait; the kubelet's retry, once the fetch's
+    per-call timeout has passed (``registry.background_timeout``, 10 s by default, 1.5 s
+    here), names what went wrong."""
     with BadRegistry("hang", profile=PROFILE) as bad:
         ref = f"{bad.address}/x/y:v1"
+        config = base_config(tmp_path / "cache", bad.address,
+                             registry_extra="background_timeout: 1.5")
 
         async def scenario() -> list[driver.CreateResult]:
-            async with plugin(base_config(tmp_path / "cache", bad.address)) as session:
+            async with plugin(config) as session:
                 first = await session.conn.create_container(pod({f"{KEY_V1}/POD": ref}),
                                                             container())
                 await asyncio.sleep(1.6)

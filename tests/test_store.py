@@ -151,6 +151,52 @@ def test_deadline_passes_and_the_fetch_goes_on_for_the_retry() -> None:
     assert len(reg.calls) == 1
 
 
+def test_fetch_slower_than_the_answer_finishes_under_its_own_bound() -> None:
+    """A registry slower than the request's deadline: the request is answered "retry",
+    the fetch runs on under ``background_total`` (not the request's deadline), and
+    the kubelet's retry is served."""
+    reg = FakeRegistry({"r.example/p/a:1": GOOD}, delay=0.3)
+    store, _ = make(reg, background_total=5.0)
+
+    async def go() -> str:
+        started = time.monotonic()
+        with pytest.raises(NotReady, match="is still being fetched, retry"):
+            await store.get(TAG, time.monotonic() + 0.05)
+        assert time.monotonic() - started < 0.1
+        [deadline] = reg.deadlines
+        assert deadline - started == pytest.approx(5.0, abs=0.1)
+        await asyncio.sleep(0.35)
+        return (await store.get(TAG, soon())).source
+
+    assert run(go()) == "memory"
+    assert len(reg.calls) == 1
+
+
+def test_fetch_past_background_total_is_cut_with_its_own_message() -> None:
+    """A registry slower than ``background_total``: the fetch is cut there, and the
+    retries within ``failure_ttl`` read which registry and which bound, at no cost."""
+    reg = FakeRegistry({"r.example/p/a:1": GOOD}, delay=30.0)
+    store, _ = make(reg, background_total=0.2, failure_ttl=5.0)
+
+    async def go() -> list[str]:
+        with pytest.raises(NotReady):
+            await store.get(TAG, time.monotonic() + 0.05)
+        await asyncio.sleep(0.25)
+        messages = []
+        for _ in range(2):
+            with pytest.raises(errors.RegistryUnavailable) as info:
+                await store.get(TAG, soon())
+            assert info.value.registry == "r.example"
+            messages.append(str(info.value))
+        return messages
+
+    first, second = run(go())
+    assert first == second == (
+        "r.example/p/a:1: registry r.example did not serve the profile within 0.2 s "
+        "(registry.background_total): registry r.example did not answer before the deadline")
+    assert len(reg.calls) == 1
+
+
 def test_prefetch_then_get_costs_one_fetch() -> None:
     reg = FakeRegistry({"r.example/p/a:1": GOOD})
     store, _ = make(reg)

@@ -22,8 +22,11 @@ downloading (``artifact.first_layer``); the bytes actually received against
 both the cap and the advertised size while streaming; the blob's digest against
 its descriptor and non-empty data (``artifact.check_layer``).
 
-Bounds: every HTTP call has ``settings.timeout`` for connecting and for each read;
-the whole call runs under ``asyncio.timeout_at`` at its deadline, so a registry
+Bounds: every HTTP call has a per-call timeout for connecting and for each read:
+``settings.background_timeout`` for a profile fetch (it runs in the background, for
+the kubelet's retry, so a slow but working registry must be able to finish it),
+``settings.timeout`` for image-annotation lookups; the whole call runs under
+``asyncio.timeout_at`` at its deadline, so a registry
 trickling one byte a second is cancelled at the deadline wherever it is (status
 line, headers or body). No threads, no watchdog (large manifests are parsed in
 ``asyncio.to_thread``, still under the deadline).
@@ -115,6 +118,9 @@ _ERROR_CODES = frozenset((
 class FetchSettings:
     #: seconds, per HTTP call: for connecting and for each read
     timeout: float = 1.5
+    #: the same for a profile fetch (``fetch``, ``fetch_manifest_digest``), which the
+    #: store runs in the background; None: ``timeout``
+    background_timeout: float | None = None
     max_size: int = 1024 * 1024
     #: registries spoken to over plain HTTP, as "host:port"
     insecure_registries: frozenset[str] = frozenset()
@@ -131,6 +137,9 @@ class FetchSettings:
     def __post_init__(self) -> None:
         if not self.timeout > 0:
             raise ValueError(f"timeout must be positive, got {self.timeout}")
+        if self.background_timeout is not None and not self.background_timeout >= self.timeout:
+            raise ValueError(f"background_timeout ({self.background_timeout}) must be at least "
+                             f"timeout ({self.timeout})")
         if self.max_size < 1:
             raise ValueError(f"max_size must be positive, got {self.max_size}")
 
@@ -141,6 +150,8 @@ class _Call:
 
     ref: Reference
     deadline: float
+    #: seconds, per HTTP call (connect, each read)
+    timeout: float
     #: the host last spoken to, quoted
     host: str = ""
     #: the body being read ("" while waiting for an answer) and the bytes so far
@@ -168,6 +179,10 @@ class ArtifactFetcher:
         self._http_loop: asyncio.AbstractEventLoop | None = None
         if not settings.tls_verify:
             log.warning("TLS verification of registries is disabled (registry.tls_verify)")
+
+    @property
+    def _background_timeout(self) -> float:
+        return self.settings.background_timeout or self.settings.timeout
 
     # ---- public --------------------------------------------------------------
 
@@ -197,7 +212,7 @@ class ArtifactFetcher:
         self.check_policy(ref)
         key = str(ref)
         log.info("Pulling OCI artifact from ref: %s", key)
-        call = _Call(ref, deadline)
+        call = _Call(ref, deadline, self._background_timeout)
         return await self._within(call, self._fetch(call, have))
 
     async def fetch_manifest_digest(self, ref: Reference, deadline: float) -> str:
@@ -209,13 +224,13 @@ class ArtifactFetcher:
         verified when it was fetched. Without the header the manifest is hashed.
         """
         self.check_policy(ref)
-        call = _Call(ref, deadline)
+        call = _Call(ref, deadline, self._background_timeout)
         return await self._within(call, self._head_digest(call))
 
     async def manifest_annotations(self, ref: Reference, deadline: float) -> dict[str, str]:
         """An image's manifest annotations (CRI-O's "image annotations"); same allow-list."""
         self.check_allowed(ref)
-        call = _Call(ref, deadline)
+        call = _Call(ref, deadline, self.settings.timeout)
         return annotations_of(ref, await self._within(call, self._manifest(call,
                                                                           MAX_IMAGE_MANIFEST)))
 
@@ -350,7 +365,7 @@ class ArtifactFetcher:
         if remaining <= 0:
             raise RegistryUnavailable(call.key, f"deadline passed before the request to "
                                       f"{show_url(url)}", registry=call.ref.registry, url=url)
-        return min(self.settings.timeout, remaining)
+        return min(call.timeout, remaining)
 
     async def _request(
         self, call: _Call, method: str, path: str, headers: dict[str, str]
@@ -527,7 +542,7 @@ class ArtifactFetcher:
         except httpcore.TimeoutException:
             raise RegistryUnavailable(key, f"{what} download failed after {len(buf)} bytes: "
                                       f"registry {call.host} did not answer within "
-                                      f"{self.settings.timeout:.2f}s", **info) from None
+                                      f"{call.timeout:.2f}s", **info) from None
         except (httpx.HTTPError, httpcore.NetworkError, httpcore.ProtocolError,
                 OSError) as exc:
             log.info("download from registry %s failed: %s", call.host, _detail(exc))

@@ -50,6 +50,8 @@ class ArtifactError(NriSeccompError):
     ) -> None:
         super().__init__(f"{reference}: {message}")
         self.reference = reference
+        #: the message without the reference, for a caller that says more around it
+        self.detail = message
         self.registry = registry
         self.url = strip_url_query(url) if url is not None else None
         self.status = status

@@ -33,8 +33,9 @@ from nri_seccomp.registry.client import ArtifactFetcher
 from nri_seccomp.registry.errors import ArtifactError, PolicyError
 from nri_seccomp.seccomp import compat
 from nri_seccomp.seccomp.worker import CompileBudgetExceeded, SeccompWorkers
+from nri_seccomp.service import images
 from nri_seccomp.service.images import Image, ImageLookupError
-from nri_seccomp.service.store import Compiled, NotReady, ProfileRejected, StoreSettings
+from nri_seccomp.service.store import Compiled, NotReady, ProfileRejected
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +114,11 @@ class SeccompPlugin:
             self.services = await asyncio.to_thread(wiring.services, cfg, fetcher)
         else:
             if fetcher is not None:
-                old = self.services.store.set_fetcher(fetcher)
-                # fetches already under way finish with the old client, within their budget
-                self._retire_later(old.aclose())
+                old = self.services.store.set_fetcher(fetcher, cfg.registry.background_total)
+                # fetches (and image lookups) already under way finish with the old
+                # client, within their bounds
+                self._retire_later(old.aclose(), max(previous.registry.background_total,
+                                                     images.FETCH_BUDGET))
                 log.info("registry settings changed: %s",
                          _changed(previous.registry, cfg.registry))
             if fetcher is not None or (wiring.image_source_settings(cfg)
@@ -123,10 +126,10 @@ class SeccompPlugin:
                 assert self._client is not None
                 old_source = self.services.images.set_source(
                     wiring.image_source(cfg, self._client))
-                self._retire_later(old_source.aclose())
+                self._retire_later(old_source.aclose(), images.FETCH_BUDGET)
 
-    def _retire_later(self, closing: Awaitable[None]) -> None:
-        retiring = asyncio.create_task(self._retire(closing, StoreSettings.background_budget))
+    def _retire_later(self, closing: Awaitable[None], after: float) -> None:
+        retiring = asyncio.create_task(self._retire(closing, after))
         self._retired.add(retiring)
         retiring.add_done_callback(self._retired.discard)
 
@@ -188,10 +191,13 @@ class SeccompPlugin:
 
         async def warm() -> None:
             assert self.services is not None
-            budget = StoreSettings.background_budget
+            # background work under the fetch's own bounds (the store applies them), with
+            # room for the compile after it; the translation gets a compile's budget
+            fetch = self.config.registry.background_total + self.config.compile_wall_seconds
             try:
-                ready = await self.services.store.get(ref, time.monotonic() + budget, owner)
-                await self._translate(ref, ready.compiled, time.monotonic() + budget)
+                ready = await self.services.store.get(ref, time.monotonic() + fetch, owner)
+                await self._translate(ref, ready.compiled,
+                                      time.monotonic() + 2 * self.config.compile_wall_seconds)
             except NriSeccompError as exc:
                 # the container that uses it gets the refusal, with its message
                 log.debug("preparing %s at pod creation: %s", ref, exc)

@@ -20,7 +20,11 @@ has its own bounded lane and no key a pod author chooses makes anything grow:
   any failed reference briefly (``failure_ttl``), so retries cost nothing;
 * compiled profiles are kept in memory bounded in bytes, not in count;
 * a cached tag past ``tag_ttl`` is re-checked, but served as it is when the
-  re-check is not done within ``revalidate_wait``: a cached profile is always served.
+  re-check is not done within ``revalidate_wait``: a cached profile is always served;
+* a fetch has bounds of its own, not the answer's: the fetcher's per-call
+  ``registry.background_timeout`` and ``background_total`` in all, so a registry
+  slower than the answer's deadline still serves the kubelet's retry, and one that
+  drips bytes holds a lane for ``background_total`` at most.
 
 A profile is cached only after it parsed and compiled: a malformed layer is
 refused every time and never stored.
@@ -33,7 +37,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol, TypeVar
 
 from nri_seccomp.decide.reference import Reference
@@ -140,8 +144,10 @@ class StoreSettings:
     tag_ttl: float = 300.0
     stale_if_error_max_age: float = 7 * 24 * 3600.0
     unknown_syscalls: str = "refuse"
-    #: how long a fetch may run after the request that started it gave up
-    background_budget: float = 30.0
+    #: how long one fetch may take in all, lanes, token, manifest and blob included
+    #: (``registry.background_total``); it runs in the background, for the kubelet's
+    #: retry, so this is far above the answer's deadline
+    background_total: float = 60.0
     memory_max_bytes: int = 64 * 1024 * 1024
     fetch_concurrency: int = 8
     registry_concurrency: int = 4
@@ -188,12 +194,15 @@ class ProfileStore:
         self._fetch_lane = asyncio.Semaphore(s.fetch_concurrency)
         self.fetches = 0
 
-    def set_fetcher(self, fetcher: Fetcher) -> Fetcher:
+    def set_fetcher(self, fetcher: Fetcher, background_total: float | None = None) -> Fetcher:
         """A new registry configuration: what failed under the old one may work now.
 
-        Returns the fetcher it replaces, for the caller to close once its work is done.
+        Returns the fetcher it replaces, for the caller to close once its work is done
+        (fetches under way finish within the ``background_total`` they started with).
         """
         old, self._fetcher = self._fetcher, fetcher
+        if background_total is not None:
+            self._settings = replace(self._settings, background_total=background_total)
         self._failed.clear()
         return old
 
@@ -370,10 +379,23 @@ class ProfileStore:
         return await self._on_disk(self._disk.get_blob, digest)
 
     async def _fetch(self, ref: Reference, key: str) -> Ready:
-        deadline = time.monotonic() + self._settings.background_budget
-        async with self._fetch_lane, self._registry_lane.hold(ref.registry):
-            self.fetches += 1
-            art = await self._fetcher.fetch(ref, deadline, self._have)
+        # the fetch's own bound, not the request's: the request that started it has
+        # probably been answered "retry" already, and its retry needs this to finish.
+        # Waiting for a lane counts: a fetch queued behind a slow registry ends too
+        total = self._settings.background_total
+        deadline = time.monotonic() + total
+        try:
+            async with self._fetch_lane, self._registry_lane.hold(ref.registry):
+                self.fetches += 1
+                art = await self._fetcher.fetch(ref, deadline, self._have)
+        except errors.RegistryUnavailable as exc:
+            if time.monotonic() < deadline:
+                raise
+            # what the retry reads: which registry, which bound, and where it was
+            raise errors.RegistryUnavailable(
+                key, f"registry {ref.registry} did not serve the profile within {total:g} s "
+                f"(registry.background_total): {exc.detail}",
+                registry=ref.registry, url=exc.url, status=exc.status) from None
         compiled = await self._compile(art.data, art.layer_digest)
         fetched_at = self._clock()
         if self._disk is not None:
