@@ -302,6 +302,8 @@ def _split_url(url: str, fail: _Fail) -> tuple[str, str, str]:
     if len(url) > 1024:
         raise fail("", "URL longer than 1024 characters")
     # containerd: a URL without a scheme means https
+    if "://" in url and not url.startswith(("http://", "https://")):
+        raise fail("", "expected an http:// or https:// URL with a host")
     full = url if url.startswith(("http://", "https://")) else f"https://{url}"
     try:
         parts = urlsplit(full)
