@@ -304,3 +304,22 @@ def test_a_mirror_with_its_own_credentials(upstream: LocalRegistry, tmp_path: Pa
         assert asked(log) == [mirror.address]
         assert any(" 200 " in line and "/manifests/v1?ns=" in line for line in ours(mirror))
         assert ours(upstream)[before:] == []
+
+
+def test_hosts_toml_headers_stay_with_their_endpoint(tmp_path: Path) -> None:
+    with BadRegistry("ok", host="127.0.0.2") as target, \
+         BadRegistry("redirect", target=target.address) as front:
+        hosts_toml(tmp_path, front.address, f'server = "http://{front.address}"\n'
+                   '[header]\n  X-Mirror-Key = "s3cret"\n  x-multi = ["a", "b"]\n'
+                   '  authorization = "Basic c3RhdGljOnRva2Vu"\n')
+        # the redirect target is made connectable (listed), not given the headers
+        f = fetcher(target.address, config_path=(str(tmp_path),), allowed=("*",))
+        assert fetch(f, parse(f"{front.address}/x/y:t")).data == target.profile
+        sent = front.seen("/manifests/")[0]
+        assert sent["x-mirror-key"] == "s3cret" and sent["x-multi"] == "a, b"
+        assert sent["authorization"] == "Basic c3RhdGljOnRva2Vu"
+        assert sent["accept-encoding"] == "identity"
+        assert front.seen("/blobs/")[0]["x-mirror-key"] == "s3cret"
+        assert target.seen("/blobs/")
+        assert all("x-mirror-key" not in h and "authorization" not in h
+                   for h in target.seen("/blobs/"))

@@ -465,15 +465,20 @@ class ArtifactFetcher:
         url = self._url(ref, path, endpoint)
         scope = f"repository:{ref.repository}:pull"
         # compressed bytes would not hash to the descriptor's digest
-        hdrs = {**_header_dict(endpoint), "Accept-Encoding": "identity", **headers}
+        ours = {"Accept-Encoding": "identity", **headers}
+        # hosts.toml headers, except where ours say otherwise (whatever the case)
+        hdrs = {**_header_dict(endpoint, {k.lower() for k in ours}), **ours}
         cached = self._auth.get((who, scope))
         if cached:
+            _drop(hdrs, "authorization")
             hdrs["Authorization"] = cached
         resp = await self._send(call, method, url, hdrs)
         if resp.status_code == 401 and origin(str(resp.request.url)) == origin(url):
             challenge = resp.headers.get("WWW-Authenticate", "")
             await resp.aclose()
-            hdrs["Authorization"] = await self._authorize(call, challenge, scope, url)
+            value = await self._authorize(call, challenge, scope, url)
+            _drop(hdrs, "authorization")
+            hdrs["Authorization"] = value
             resp = await self._send(call, method, url, hdrs)
             if resp.status_code == 200:
                 self._auth[(who, scope)] = hdrs["Authorization"]
@@ -684,12 +689,20 @@ def _detail(exc: BaseException) -> str:
 # ---- endpoints ---------------------------------------------------------------------------
 
 
-def _header_dict(endpoint: hosts.Endpoint) -> dict[str, str]:
-    """hosts.toml headers; a name given several values is sent once, comma-joined."""
+def _header_dict(endpoint: hosts.Endpoint, skip: set[str]) -> dict[str, str]:
+    """hosts.toml headers but those named in ``skip`` (lower-case); a name given several
+    values is sent once, comma-joined."""
     out: dict[str, str] = {}
     for name, value in endpoint.headers:
-        out[name] = f"{out[name]}, {value}" if name in out else value
+        if name.lower() not in skip:
+            out[name] = f"{out[name]}, {value}" if name in out else value
     return out
+
+
+def _drop(headers: dict[str, str], name: str) -> None:
+    """Remove ``name`` (lower-case) in any spelling, before setting it once."""
+    for key in [k for k in headers if k.lower() == name]:
+        del headers[key]
 
 
 def _reason(exc: ArtifactError) -> str:
