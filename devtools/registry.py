@@ -10,6 +10,9 @@ a token server started alongside (``tokenserver.TokenServer``), which checks the
 same users and signs JWTs the registry verifies. ``auth_config`` takes any raw
 ``auth:`` section instead.
 
+Mirrors: ``proxy=URL`` runs it as a pull-through cache of the registry at URL
+(distribution's proxy mode), what a registry mirror is in production.
+
 Counting: the registry's access log (one line per request) is kept, so a test
 can count the requests that reached it (``count``, ``requests_seen``).
 """
@@ -131,6 +134,7 @@ class LocalRegistry:
         *,
         users: Mapping[str, str] | None = None,
         token_auth: bool = False,
+        proxy: str | None = None,
     ) -> None:
         self._tmp = Path(tempfile.mkdtemp(prefix="nri-seccomp-registry-"))
         self.root = root or self._tmp / "data"
@@ -144,6 +148,8 @@ class LocalRegistry:
         self._auth_config = auth_config
         #: (certificate, key): serve HTTPS
         self.tls = tls
+        #: a pull-through cache of this registry URL (distribution's proxy mode)
+        self.proxy = proxy
         self.scheme = "https" if tls else "http"
         self._proc: subprocess.Popen[bytes] | None = None
         #: Basic credentials the push helpers use (the first user's, if any)
@@ -181,6 +187,7 @@ class LocalRegistry:
             f"http: {{addr: {self.address}{tls}}}\n"
             # the access log (stdout) is how requests are counted
             "log: {level: error, accesslog: {disabled: false}}\n" + auth
+            + (f"proxy: {{remoteurl: {self.proxy}}}\n" if self.proxy else "")
         )
         return config
 

@@ -50,6 +50,13 @@ class RegistrySettings:
     #: hosts ("host" or "host:port") a registry may name as its token realm besides itself
     token_realm_hosts: tuple[str, ...] = ("auth.docker.io",)
     max_profile_bytes: int = MAX_PROFILE_BYTES
+    #: containerd's registry host configuration (hosts.toml) roots; [] reads none
+    config_path: tuple[str, ...] = ("/etc/containerd/certs.d",)
+    #: docker credential helpers (credHelpers, credsStore): seconds per run, seconds an
+    #: answer is reused, and where they are looked up (default: $PATH)
+    credential_helper_timeout: float = 1.0
+    credential_helper_ttl: float = 300.0
+    credential_helper_dir: str | None = None
 
 
 @dataclass(frozen=True)
@@ -205,6 +212,8 @@ def _value(key: str, value: Any, where: str, default: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{where}: expected a number of seconds, got {_kind(value)}")
         return _check_number(key, float(value), where)
+    if key == "config_path":
+        return _config_path(value, where)
     if isinstance(default, tuple):
         if isinstance(value, str):
             value = [value]
@@ -222,6 +231,8 @@ def _value(key: str, value: Any, where: str, default: Any) -> Any:
         return None
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{where}: expected a non-empty string, got {_kind(value)}")
+    if key == "credential_helper_dir" and not value.startswith("/"):
+        raise ConfigError(f"{where}: {value!r} must be an absolute path to a directory")
     if key == "containerd_socket" and not value.startswith("/"):
         raise ConfigError(f"{where}: {value!r} must be an absolute path to a unix socket")
     return value
@@ -250,6 +261,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     # at least containerd's request timeout (2 s): the bound is for work the answer
     # does not wait for; at most an hour, so nothing holds a lane for ever
     "background_total": (2.0, 3600.0),
+    "credential_helper_timeout": (0.05, 10.0),
+    "credential_helper_ttl": (0.0, 86400.0),
     "max_profile_bytes": (1024, MAX_PROFILE_BYTES),
 }
 
@@ -292,6 +305,20 @@ def _check_pattern(pattern: str, where: str) -> None:
             f"{where}: {pattern!r} names no repository; write {pattern + '/*'!r} to allow "
             "the whole registry"
         )
+
+
+def _config_path(value: Any, where: str) -> tuple[str, ...]:
+    """containerd's form ("/a:/b") or a list; absolute paths only."""
+    if isinstance(value, str):
+        value = [p for p in value.split(":") if p]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{where}: expected a path, paths separated by ':', or a list")
+    for path in value:
+        if not path.startswith("/"):
+            raise ConfigError(f"{where}: {path!r} must be an absolute path")
+    if len(value) > 8:
+        raise ConfigError(f"{where}: more than 8 paths")
+    return tuple(value)
 
 
 def _check_host(host: str, where: str) -> None:

@@ -57,6 +57,10 @@ def fetcher(reg: config.RegistrySettings) -> ArtifactFetcher:
             allowed=reg.allowed,
             require_digest=reg.require_digest,
             token_realm_hosts=reg.token_realm_hosts,
+            config_path=reg.config_path,
+            credential_helper_timeout=reg.credential_helper_timeout,
+            credential_helper_ttl=reg.credential_helper_ttl,
+            credential_helper_dir=reg.credential_helper_dir,
         )
     )
 

@@ -75,9 +75,14 @@ def test_docker_config_errors(tmp_path: Path) -> None:
     helper.write_text(json.dumps({"auths": {}, "credHelpers": {"127.0.0.1:1": "gcloud"}}))
     with BadRegistry("status:401") as bad_reg:
         helper.write_text(json.dumps({"auths": {}, "credHelpers": {bad_reg.address: "gcloud"}}))
+        # helpers are run now; one that is not installed says so
+        empty = tmp_path / "no-helpers"
+        empty.mkdir()
         with pytest.raises(errors.Unauthorized,
-                           match=r"credential helper \(credHelpers\), which is not supported"):
-            fetch(fetcher(bad_reg.address, docker_config=str(helper)),
+                           match=r"the credential helper docker-credential-gcloud failed: "
+                                 r"docker-credential-gcloud not found in .*no-helpers"):
+            fetch(fetcher(bad_reg.address, docker_config=str(helper),
+                          credential_helper_dir=str(empty)),
                 parse(f"{bad_reg.address}/x/y:t"))
 
 

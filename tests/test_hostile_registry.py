@@ -68,7 +68,7 @@ def test_pod_pointing_at_node_loopback_is_refused_without_connecting() -> None:
                 fetch(fetcher(), parse(f"{name}/x/y:t"))
             assert str(info.value) == (
                 f"{name}/x/y:t: registry {name} does not have a public address and is not "
-                "listed in registry.allowed or registry.insecure")
+                "listed in registry.allowed, registry.insecure or a hosts.toml")
         # a glob naming loopback is not a literal listing either
         with pytest.raises(errors.PolicyError, match="does not have a public address"):
             fetch(fetcher(allowed=("127.0.0.1:*/x/*",)), parse(f"{bad.address}/x/y:t"))

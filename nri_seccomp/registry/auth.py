@@ -93,8 +93,8 @@ def realm_allowed(realm: str, registry_url: str, realm_hosts: Iterable[str]) -> 
     return parts.netloc.lower() in listed or host in listed
 
 
-def _missing(ref: Reference, login: Login) -> str:
-    return (f"registry {ref.registry} requires authentication and no credentials are "
+def _missing(ref: Reference, login: Login, host: str | None = None) -> str:
+    return (f"registry {host or ref.registry} requires authentication and no credentials are "
             f"configured for it (registry.docker_config){login.hint}")
 
 
@@ -106,37 +106,45 @@ def answer_challenge(
     registry_url: str,
     login: Login,
     settings: FetchSettings,
+    host: str | None = None,
+    plain_http: bool | None = None,
 ) -> BasicAnswer | TokenRequest:
     """What to do about the registry's 401 ``challenge`` to a request for ``registry_url``.
 
     ``scope`` is asked for when the challenge names none. Raises ``Unauthorized``
     or ``PolicyError`` when the challenge cannot, or must not, be answered.
+    ``host`` is the endpoint asked (a hosts.toml mirror; default the reference's
+    registry), ``plain_http`` whether it is spoken to over HTTP (default: listed
+    in ``registry.insecure``): then credentials may go to a plain-HTTP realm too.
     """
     key = str(ref)
+    who = host or ref.registry
+    if plain_http is None:
+        plain_http = ref.registry in settings.insecure_registries
     creds = login.basic
     scheme, params = parse_challenge(challenge)
     info: dict[str, Any] = {"registry": ref.registry, "status": 401}
     if scheme == "basic":
         if creds is None:
-            raise Unauthorized(key, _missing(ref, login), **info)
+            raise Unauthorized(key, _missing(ref, login, who), **info)
         return BasicAnswer(basic_authorization(creds))
     if scheme != "bearer":
-        raise Unauthorized(key, f"registry {ref.registry} sent an unsupported "
+        raise Unauthorized(key, f"registry {who} sent an unsupported "
                            f"authentication challenge {quote_untrusted(challenge)}", **info)
     realm = params.get("realm", "")
     realm_scheme = urlsplit(realm).scheme
     shown = quote_untrusted(strip_url_query(realm))
     if realm_scheme not in ("http", "https") or join(realm, "") is None:
-        raise Unauthorized(key, f"registry {ref.registry} sent a Bearer challenge with an "
+        raise Unauthorized(key, f"registry {who} sent a Bearer challenge with an "
                            f"unusable realm {shown}", **info)
     if not realm_allowed(realm, registry_url, settings.token_realm_hosts):
-        raise PolicyError(key, f"registry {ref.registry} named a token server on another "
+        raise PolicyError(key, f"registry {who} named a token server on another "
                           "host, not listed in registry.token_realm_hosts; refused", **info)
     headers = {"Accept-Encoding": "identity"}
     if creds is not None:
-        if realm_scheme == "http" and ref.registry not in settings.insecure_registries:
+        if realm_scheme == "http" and not plain_http:
             raise Unauthorized(key, f"token server {shown} is plain HTTP; the credentials "
-                               f"for {ref.registry} are not sent there", url=realm, **info)
+                               f"for {who} are not sent there", url=realm, **info)
         headers["Authorization"] = basic_authorization(creds)
     query = {"service": params.get("service", ""), "scope": params.get("scope", scope)}
     token_url = realm + ("&" if "?" in realm else "?") + urlencode(
@@ -145,16 +153,17 @@ def answer_challenge(
 
 
 def token_refusal(ref: Reference, request: TokenRequest, login: Login,
-                  status: int) -> ArtifactError:
+                  status: int, host: str | None = None) -> ArtifactError:
     """The error for a token server answering ``status`` (not 200) to ``request``."""
     key = str(ref)
+    who = host or ref.registry
     where = f"token server {quote_untrusted(strip_url_query(request.realm))} answered HTTP {status}"
     info: dict[str, Any] = {"registry": ref.registry, "url": request.realm, "status": status}
     if status == 429 or status >= 500:
         return RegistryUnavailable(key, where, **info)
     if status in (401, 403):
-        why = _missing(ref, login) if login.basic is None else (
-            f"the credentials for {ref.registry}{login.source} were refused")
+        why = _missing(ref, login, who) if login.basic is None else (
+            f"the credentials for {who}{login.source} were refused")
         return Unauthorized(key, f"{where}; {why}", **info)
     return Unauthorized(key, where, **info)
 

@@ -38,6 +38,22 @@ from such a host is not answered with credentials. Credentials: anonymous
 first; on a 401 from the registry itself, ``auth.answer_challenge`` decides and
 this module sends; the value that worked is cached per (registry, scope).
 
+Endpoints (``hosts.py``): a registry configured in containerd's ``hosts.toml``
+(``registry.config_path``) is fetched from its endpoints in the file's order,
+the mirrors (``[host."…"]``) before the server. A manifest by tag is asked only
+of endpoints with the ``resolve`` capability, a manifest by digest and a blob of
+those with ``pull``. Any error from an endpoint that is not the last (a mirror:
+cannot connect, timed out, 5xx, 404, 401, an answer that fails its checks)
+moves on to the next; one that could not be connected to is not tried again in
+the same call. When all fail, the last endpoint's error (the upstream's) is
+raised, naming the endpoints tried before it. Mirrors get ``?ns=<registry>``.
+Each endpoint with TLS settings of its own, or named by the operator, gets its
+own connection pool and TLS context (``_EndpointClients``, bounded); a host the
+operator wrote in a hosts.toml is connectable even on a private address, a
+registry a tenant's reference names is not (the built-in default endpoint,
+``_default``'s implicit server). Credentials are looked up for the endpoint's
+host (a mirror's own ``auths`` entry or helper), cached per (endpoint, scope).
+
 Messages: errors say what failed in fixed words. Nothing a registry sends is
 echoed except a few short values cut and cleaned by ``bounded.quote_untrusted``
 (media types, challenge text, Location); response bodies, header values and
@@ -55,12 +71,14 @@ import functools
 import http.cookiejar
 import json
 import logging
+import os
 import ssl
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import httpcore
 import httpx
@@ -68,7 +86,7 @@ import httpx
 from nri_seccomp import digest as digest_mod
 from nri_seccomp.bounded import quote_untrusted
 from nri_seccomp.decide.reference import Reference
-from nri_seccomp.registry import auth, netguard
+from nri_seccomp.registry import auth, hosts, netguard
 from nri_seccomp.registry.artifact import (
     ACCEPT,
     MAX_IMAGE_MANIFEST,
@@ -83,7 +101,7 @@ from nri_seccomp.registry.artifact import (
     held_layer_usable,
     parse_manifest,
 )
-from nri_seccomp.registry.credentials import Credentials
+from nri_seccomp.registry.credentials import Credentials, HelperRunner, HelperSettings, Login
 from nri_seccomp.registry.errors import (
     ArtifactError,
     InvalidArtifact,
@@ -133,6 +151,13 @@ class FetchSettings:
     require_digest: bool = False
     #: hosts ("host" or "host:port") a registry may name as its token realm besides itself
     token_realm_hosts: tuple[str, ...] = ("auth.docker.io",)
+    #: containerd hosts.toml roots (``<root>/<host>/hosts.toml``); empty reads none
+    config_path: tuple[str, ...] = ()
+    #: docker credential helpers: seconds per run, seconds an answer is reused, where
+    #: they are looked up (None: $PATH)
+    credential_helper_timeout: float = 1.0
+    credential_helper_ttl: float = 300.0
+    credential_helper_dir: str | None = None
 
     def __post_init__(self) -> None:
         if not self.timeout > 0:
@@ -157,6 +182,12 @@ class _Call:
     #: the body being read ("" while waiting for an answer) and the bytes so far
     reading: str = ""
     received: int = 0
+    #: the endpoint being asked (hosts.toml), its client, the login used for it
+    endpoint: hosts.Endpoint | None = None
+    client: httpx.AsyncClient | None = None
+    login: Login | None = None
+    #: endpoints that could not be connected to in this call (not tried again)
+    down: set[str] = field(default_factory=set)
 
     @property
     def key(self) -> str:
@@ -171,7 +202,13 @@ class ArtifactFetcher:
         #: (registry, scope) → Authorization value that last worked
         self._auth: dict[tuple[str, str], str] = {}
         # raises ValueError for an unreadable file: a configuration error to report at start
-        self._credentials = Credentials(settings.docker_config)
+        self._credentials = Credentials(settings.docker_config, HelperRunner(HelperSettings(
+            timeout=settings.credential_helper_timeout, ttl=settings.credential_helper_ttl,
+            directory=settings.credential_helper_dir)))
+        self._hosts = hosts.HostsTable(settings.config_path, settings.insecure_registries)
+        self._endpoint_clients = _EndpointClients(settings)
+        #: hosts.toml files whose unsupported keys were logged
+        self._warned: set[str] = set()
         self._explicit = netguard.explicit_hosts(settings)
         self._ssl = netguard.ssl_context(settings)
         self._allowed_names: dict[str, bool] = {}
@@ -239,6 +276,7 @@ class ArtifactFetcher:
         self._http = self._http_loop = None
         if client is not None and loop is asyncio.get_running_loop():
             await client.aclose()
+        await self._endpoint_clients.aclose()
 
     # ---- policy ----------------------------------------------------------------
 
@@ -302,6 +340,10 @@ class ArtifactFetcher:
                         len(data))
 
     async def _head_digest(self, call: _Call) -> str:
+        need = "pull" if call.ref.digest is not None else "resolve"
+        return await self._on_endpoints(call, need, lambda: self._head_digest_at(call))
+
+    async def _head_digest_at(self, call: _Call) -> str:
         ref = call.ref
         try:
             resp = await self._request(call, "HEAD", f"manifests/{ref.selector}",
@@ -309,17 +351,21 @@ class ArtifactFetcher:
         except ArtifactError as exc:
             if exc.status != 405:
                 raise
-            return (await self._manifest(call, MAX_MANIFEST)).digest
+            return (await self._manifest_at(call, MAX_MANIFEST)).digest
         header = str(resp.headers.get("Docker-Content-Digest", ""))
         await resp.aclose()
         if not digest_mod.is_valid(header):
-            return (await self._manifest(call, MAX_MANIFEST)).digest
+            return (await self._manifest_at(call, MAX_MANIFEST)).digest
         if ref.digest is not None and header != ref.digest:
             raise InvalidArtifact(call.key, "manifest digest mismatch: the registry's manifest "
                                   "does not match the reference's digest", registry=ref.registry)
         return header
 
     async def _manifest(self, call: _Call, cap: int) -> Manifest:
+        need = "pull" if call.ref.digest is not None else "resolve"
+        return await self._on_endpoints(call, need, lambda: self._manifest_at(call, cap))
+
+    async def _manifest_at(self, call: _Call, cap: int) -> Manifest:
         ref = call.ref
         resp = await self._request(call, "GET", f"manifests/{ref.selector}", {"Accept": ACCEPT})
         url = str(resp.request.url)
@@ -330,10 +376,67 @@ class ArtifactFetcher:
         return parse_manifest(ref, raw, content_type, url)
 
     async def _blob(self, call: _Call, layer: Layer) -> bytes:
+        return await self._on_endpoints(call, "pull", lambda: self._blob_at(call, layer))
+
+    async def _blob_at(self, call: _Call, layer: Layer) -> bytes:
         resp = await self._request(call, "GET", f"blobs/{layer.digest}", {})
         url = str(resp.request.url)
         data = await self._read(call, resp, self.settings.max_size, layer.size, "layer")
         return check_layer(call.ref, layer, data, url)
+
+    # ---- endpoints (hosts.toml) ---------------------------------------------------
+
+    def _endpoints(self, call: _Call, capability: str) -> list[hosts.Endpoint]:
+        """The endpoints to ask for ``capability`` (pull or resolve), in order."""
+        ref = call.ref
+        try:
+            config = self._hosts.get(ref.registry)
+        except hosts.HostsError as exc:
+            # the operator's file is broken: transient until fixed (a cached copy may serve)
+            raise RegistryUnavailable(call.key, f"registry configuration: {exc}",
+                                      registry=ref.registry) from None
+        if config.ignored and config.source not in self._warned:
+            self._warned.add(config.source)
+            log.warning("%s: not supported here, ignored: %s", config.source,
+                        ", ".join(config.ignored))
+        usable = [e for e in config.endpoints if e.can(capability)]
+        if not usable:
+            what = "resolve a tag" if capability == "resolve" else "pull"
+            raise PolicyError(call.key, f"no endpoint in {config.source} may {what} "
+                              f"(capabilities); use a digest reference or add \"{capability}\"",
+                              registry=ref.registry)
+        return usable
+
+    async def _on_endpoints(self, call: _Call, capability: str,
+                            work: Callable[[], Awaitable[T]]) -> T:
+        """``work()`` at each endpoint in turn until one succeeds; the last one's error."""
+        endpoints = self._endpoints(call, capability)
+        tried: list[tuple[hosts.Endpoint, str]] = []
+        for i, endpoint in enumerate(endpoints):
+            last = i == len(endpoints) - 1
+            if not last and endpoint.base in call.down:
+                tried.append((endpoint, "down"))
+                continue
+            call.endpoint, call.login = endpoint, None
+            try:
+                call.client = await self._endpoint_clients.get(endpoint, self._explicit)
+            except ValueError as exc:
+                error: ArtifactError = RegistryUnavailable(
+                    call.key, f"registry configuration {endpoint.source}: {exc}",
+                    registry=call.ref.registry)
+            else:
+                try:
+                    return await work()
+                except ArtifactError as exc:
+                    error = exc
+            if last:
+                raise _with_tried(error, tried) from None
+            if isinstance(error, RegistryUnavailable) and error.status is None:
+                call.down.add(endpoint.base)
+            log.info("%s: endpoint %s failed, trying the next: %s", call.key,
+                     endpoint.origin, error)
+            tried.append((endpoint, _reason(error)))
+        raise AssertionError("unreachable: the last endpoint returns or raises")
 
     # ---- HTTP ------------------------------------------------------------------
 
@@ -355,10 +458,20 @@ class ArtifactFetcher:
             self._http_loop = loop
         return self._http
 
-    def _url(self, ref: Reference, path: str) -> str:
-        scheme = "http" if ref.registry in self.settings.insecure_registries else "https"
-        host = "registry-1.docker.io" if ref.registry == "docker.io" else ref.registry
-        return f"{scheme}://{host}/v2/{ref.repository}/{path}"
+    def _endpoint(self, call: _Call) -> hosts.Endpoint:
+        if call.endpoint is None:
+            call.endpoint = hosts.default_endpoint(
+                call.ref.registry, call.ref.registry in self.settings.insecure_registries)
+        return call.endpoint
+
+    def _url(self, ref: Reference, path: str, endpoint: hosts.Endpoint | None = None) -> str:
+        if endpoint is None:
+            endpoint = hosts.default_endpoint(
+                ref.registry, ref.registry in self.settings.insecure_registries)
+        url = f"{endpoint.base}/{ref.repository}/{path}"
+        if endpoint.ns:
+            url += "?" + urlencode({"ns": endpoint.ns})
+        return url
 
     def _timeout(self, call: _Call, url: str) -> float:
         remaining = call.deadline - time.monotonic()
@@ -372,21 +485,29 @@ class ArtifactFetcher:
     ) -> httpx.Response:
         """A 200 response (body not read yet), after authenticating if asked to."""
         ref, key = call.ref, call.key
-        url = self._url(ref, path)
+        endpoint = self._endpoint(call)
+        # credentials and tokens belong to the host spoken to (a mirror has its own)
+        who = endpoint.host
+        url = self._url(ref, path, endpoint)
         scope = f"repository:{ref.repository}:pull"
         # compressed bytes would not hash to the descriptor's digest
-        hdrs = {"Accept-Encoding": "identity", **headers}
-        cached = self._auth.get((ref.registry, scope))
+        ours = {"Accept-Encoding": "identity", **headers}
+        # hosts.toml headers, except where ours say otherwise (whatever the case)
+        hdrs = {**_header_dict(endpoint, {k.lower() for k in ours}), **ours}
+        cached = self._auth.get((who, scope))
         if cached:
+            _drop(hdrs, "authorization")
             hdrs["Authorization"] = cached
         resp = await self._send(call, method, url, hdrs)
         if resp.status_code == 401 and origin(str(resp.request.url)) == origin(url):
             challenge = resp.headers.get("WWW-Authenticate", "")
             await resp.aclose()
-            hdrs["Authorization"] = await self._authorize(call, challenge, scope, url)
+            value = await self._authorize(call, challenge, scope, url)
+            _drop(hdrs, "authorization")
+            hdrs["Authorization"] = value
             resp = await self._send(call, method, url, hdrs)
             if resp.status_code == 200:
-                self._auth[(ref.registry, scope)] = hdrs["Authorization"]
+                self._auth[(who, scope)] = hdrs["Authorization"]
         if resp.status_code == 200:
             return resp
         status = resp.status_code
@@ -401,13 +522,15 @@ class ArtifactFetcher:
             raise NotFound(key, f"not found: {where}", **info)
         if status == 401 and origin(final_url) != origin(url):
             raise Unauthorized(key, f"access denied by {show_url(origin(final_url))}, "
-                               f"where {ref.registry} redirected the download; no credentials "
+                               f"where {who} redirected the download; no credentials "
                                f"are sent there ({where})", **info)
         if status == 401:
-            refused = (f"the credentials for {ref.registry}"
-                       f"{self._credentials.source(ref.registry)} were refused"
-                       if self._credentials.get(ref.registry) is not None else
-                       f"no credentials are configured for {ref.registry}")
+            login = call.login if call.login is not None else self._credentials.login(who)
+            if login.basic is not None:
+                self._credentials.forget(who)
+            refused = (f"the credentials for {who}{login.source} were refused"
+                       if login.basic is not None else
+                       f"no credentials are configured for {who}{login.hint}")
             raise Unauthorized(key, f"access denied: {where}; {refused}", **info)
         if status == 403:
             raise Unauthorized(key, f"access denied: {where}", **info)
@@ -420,15 +543,19 @@ class ArtifactFetcher:
     async def _authorize(self, call: _Call, challenge: str, scope: str, url: str) -> str:
         """The Authorization value answering the registry's 401 challenge (``auth`` decides)."""
         ref = call.ref
-        login = self._credentials.login(ref.registry)
+        endpoint = self._endpoint(call)
+        login = call.login = await self._credentials.login_for(endpoint.host)
         step = auth.answer_challenge(ref, challenge, scope=scope, registry_url=url,
-                                     login=login, settings=self.settings)
+                                     login=login, settings=self.settings,
+                                     host=endpoint.host, plain_http=endpoint.scheme == "http")
         if isinstance(step, auth.BasicAnswer):
             return step.authorization
         resp = await self._send(call, "GET", step.url, step.headers)
         if resp.status_code != 200:
             await self._error_code(resp, step.url)
-            raise auth.token_refusal(ref, step, login, resp.status_code)
+            if resp.status_code in (401, 403) and login.basic is not None:
+                self._credentials.forget(endpoint.host)
+            raise auth.token_refusal(ref, step, login, resp.status_code, host=endpoint.host)
         raw = await self._read(call, resp, auth.MAX_TOKEN_RESPONSE, None, "token response")
         return auth.token_authorization(ref, step, raw)
 
@@ -477,7 +604,10 @@ class ArtifactFetcher:
                 raise PolicyError(key, f"registry {host} redirected from https to plain http "
                                   f"({show_url(target)}); refused", **info)
             if origin(target) != origin(url):
-                hdrs = {k: v for k, v in hdrs.items() if k.lower() != "authorization"}
+                # nor the hosts.toml headers, which may carry secrets of their own
+                private = {"authorization"} | {
+                    name.lower() for name, _ in (call.endpoint.headers if call.endpoint else ())}
+                hdrs = {k: v for k, v in hdrs.items() if k.lower() not in private}
             url = target
         raise ArtifactError(key, f"more than {MAX_REDIRECTS} redirects, the last to "
                             f"{show_url(url)}", registry=ref.registry, url=url)
@@ -490,14 +620,17 @@ class ArtifactFetcher:
         call.reading = ""
         timeout = self._timeout(call, url)
         info: dict[str, Any] = {"registry": ref.registry, "url": url}
-        client = self._client()
+        client = call.client or self._client()
+        dial = call.endpoint.dial_timeout if call.endpoint is not None else None
         try:
-            request = client.build_request(method, url, headers=headers,
-                                           timeout=httpx.Timeout(timeout))
+            request = client.build_request(
+                method, url, headers=headers,
+                timeout=httpx.Timeout(timeout, connect=min(timeout, dial or timeout)))
             return await client.send(request, stream=True)
         except netguard.Refused:
             raise PolicyError(key, f"registry {host} does not have a public address and is not "
-                              "listed in registry.allowed or registry.insecure", **info) from None
+                              "listed in registry.allowed, registry.insecure or a hosts.toml",
+                              **info) from None
         except netguard.Unresolvable as exc:
             log.info("cannot resolve %s: %s", host, _detail(exc))
             raise RegistryUnavailable(key, f"cannot resolve registry {host}", **info) from None
@@ -577,3 +710,151 @@ def _certificate_failure(exc: BaseException) -> bool:
 def _detail(exc: BaseException) -> str:
     """For the plugin's log only: the exception chain, cut and cleaned."""
     return quote_untrusted("; ".join(f"{type(e).__name__}: {e}" for e in _chain(exc)), 200)
+
+
+# ---- endpoints ---------------------------------------------------------------------------
+
+
+def _header_dict(endpoint: hosts.Endpoint, skip: set[str]) -> dict[str, str]:
+    """hosts.toml headers but those named in ``skip`` (lower-case); a name given several
+    values is sent once, comma-joined."""
+    out: dict[str, str] = {}
+    for name, value in endpoint.headers:
+        if name.lower() not in skip:
+            out[name] = f"{out[name]}, {value}" if name in out else value
+    return out
+
+
+def _drop(headers: dict[str, str], name: str) -> None:
+    """Remove ``name`` (lower-case) in any spelling, before setting it once."""
+    for key in [k for k in headers if k.lower() == name]:
+        del headers[key]
+
+
+def _reason(exc: ArtifactError) -> str:
+    if exc.status is not None:
+        return f"HTTP {exc.status}"
+    if isinstance(exc, RegistryUnavailable):
+        return "unavailable"
+    if isinstance(exc, PolicyError):
+        return "refused"
+    return "invalid answer" if isinstance(exc, InvalidArtifact) else "failed"
+
+
+def _with_tried(exc: ArtifactError, tried: list[tuple[hosts.Endpoint, str]]) -> ArtifactError:
+    """The last endpoint's error, naming the endpoints tried before it (bounded: MAX_HOSTS)."""
+    if not tried:
+        return exc
+    prefix = f"{exc.reference}: "
+    message = str(exc)
+    message = message[len(prefix):] if message.startswith(prefix) else message
+    before = ", ".join(f"{host_of(e.origin)} ({why})" for e, why in tried)
+    again = type(exc)(exc.reference, f"{message} (tried before: {before})",
+                      registry=exc.registry, url=exc.url, status=exc.status)
+    return again
+
+
+class _EndpointClients:
+    """One httpx client per endpoint with TLS settings of its own or named by the operator.
+
+    Keyed by what the connection depends on (scheme, the trusted host, the TLS
+    files and their mtimes, so a rotated certificate is read again); at most
+    ``MAX`` are kept, the least recently used is closed. Endpoints needing
+    neither get None: the fetcher's shared client.
+    """
+
+    MAX = 32
+
+    def __init__(self, settings: FetchSettings) -> None:
+        self.settings = settings
+        self._clients: OrderedDict[tuple[Any, ...], httpx.AsyncClient] = OrderedDict()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing: set[asyncio.Task[None]] = set()
+
+    async def get(self, endpoint: hosts.Endpoint,
+                  explicit: frozenset[str]) -> httpx.AsyncClient | None:
+        """The client for ``endpoint`` (None: the shared one); ValueError for bad TLS files."""
+        if not endpoint.own_tls and not endpoint.named:
+            return None
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self._clients.clear()
+            self._loop = loop
+        files = (*endpoint.ca_files, *(f for pair in endpoint.client_pairs for f in pair if f))
+        key = (endpoint.netloc if endpoint.named else None, endpoint.ca_files,
+               endpoint.client_pairs, endpoint.skip_verify, tuple(map(_mtime, files)))
+        client = self._clients.get(key)
+        if client is not None:
+            self._clients.move_to_end(key)
+            return client
+        # reading CA bundles takes milliseconds: off the event loop
+        ctx = await asyncio.to_thread(endpoint_ssl_context, endpoint, self.settings)
+        trusted = frozenset({endpoint.netloc}) if endpoint.named else frozenset()
+        listed = functools.partial(_listed, explicit | trusted)
+        jar = http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
+        client = httpx.AsyncClient(
+            transport=netguard.Transport(ctx, netguard.CheckedBackend(listed)),
+            follow_redirects=False, trust_env=False, cookies=jar,
+            timeout=self.settings.timeout)
+        self._clients[key] = client
+        while len(self._clients) > self.MAX:
+            _, old = self._clients.popitem(last=False)
+            task = loop.create_task(old.aclose())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+        return client
+
+    async def aclose(self) -> None:
+        clients = list(self._clients.values())
+        self._clients.clear()
+        if self._loop is asyncio.get_running_loop():
+            for client in clients:
+                await client.aclose()
+
+
+def _listed(explicit: frozenset[str], host: str, port: int) -> bool:
+    return netguard.is_listed(explicit, host, port)
+
+
+def _mtime(path: str) -> int:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return 0
+
+
+def endpoint_ssl_context(endpoint: hosts.Endpoint, settings: FetchSettings) -> ssl.SSLContext:
+    """The endpoint's TLS: hosts.toml's skip_verify, ca (added to the default roots) and
+    client certificate; the global settings (tls_verify, ca_file) where the file says
+    nothing. ValueError naming the file that cannot be loaded."""
+    skip = endpoint.skip_verify if endpoint.skip_verify is not None else not settings.tls_verify
+    if skip:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        if endpoint.skip_verify:
+            log.warning("%s: TLS verification of %s is disabled (skip_verify)",
+                        endpoint.source, endpoint.netloc)
+    else:
+        ctx = netguard.ssl_context(settings)
+        for ca in endpoint.ca_files:
+            try:
+                ctx.load_verify_locations(cafile=ca)
+            except (OSError, ssl.SSLError) as exc:
+                raise ValueError(f"cannot load ca {ca}: {_ssl_detail(exc)}") from None
+    if endpoint.client_pairs:
+        # one certificate per connection; the first pair (as containerd offers the first
+        # that fits, and registries take one client certificate)
+        cert, key = endpoint.client_pairs[0]
+        try:
+            ctx.load_cert_chain(cert, key or None)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"cannot load client certificate {cert}: "
+                             f"{_ssl_detail(exc)}") from None
+    return ctx
+
+
+def _ssl_detail(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return quote_untrusted(str(exc), 120)

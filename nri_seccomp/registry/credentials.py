@@ -1,11 +1,19 @@
 """Registry credentials from a docker ``config.json``, re-read when the file changes.
 
-Only the ``auths`` entries are read: ``auth`` (base64 of ``user:password``) or
+The ``auths`` entries: ``auth`` (base64 of ``user:password``) or
 ``username``/``password``, keyed by host (or by a URL such as
 ``https://index.docker.io/v1/``, normalised by ``registry_of`` so that Docker
-Hub's aliases all mean ``docker.io``). Credential helpers, credential stores
-and identity tokens are not run or used; they are remembered only so that an
-authentication failure can say where the credentials are kept instead.
+Hub's aliases all mean ``docker.io``). Identity tokens are not used; they are
+remembered only so that an authentication failure can say where the
+credentials are kept instead.
+
+Credential helpers (``credHelpers``: host → helper) and the credential store
+(``credsStore``: every other host) are run as docker runs them:
+``docker-credential-NAME get`` with the host on stdin, a JSON answer
+``{"ServerURL", "Username", "Secret"}`` on stdout (``HelperRunner``). Which
+source a host gets: its ``credHelpers`` entry, else its ``auths`` entry, else
+the ``credsStore``. A helper is only ever asked about the host it is consulted
+for, never about another one.
 
 The file is checked (one ``stat``) before each use and parsed again when its
 mtime, size or inode changed, so rotated credentials apply without a restart.
@@ -18,13 +26,21 @@ What one registry's entry amounts to is handed to the authentication flow
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
 import json
 import logging
+import os
 import re
+import shutil
+import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from nri_seccomp.bounded import quote_untrusted
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +62,41 @@ class Login:
 class Credentials:
     """Basic credentials per registry from a docker config.json, re-read when it changes."""
 
-    def __init__(self, path: str | None) -> None:
+    def __init__(self, path: str | None, helpers: HelperRunner | None = None) -> None:
         self.path = path
         self._stamp: tuple[int, int, int] | None = None
         self._entries: dict[str, tuple[str, str]] = {}
-        #: registries whose credentials are somewhere we do not read (helpers, tokens)
+        #: registries whose credentials are somewhere we do not read (identity tokens)
         self._elsewhere: dict[str, str] = {}
+        #: registry → credential helper name (credHelpers); the store for the rest
+        self._helpers: dict[str, str] = {}
+        self._store: str | None = None
+        self._runner = helpers or HelperRunner()
         if path:
             self._load(strict=True)
+
+    def helper_for(self, registry: str) -> str | None:
+        """The credential helper to ask about ``registry``, if one is configured for it."""
+        if self.path:
+            self._load(strict=False)
+        if registry in self._helpers:
+            return self._helpers[registry]
+        if registry in self._entries:
+            return None
+        return self._store
+
+    async def login_for(self, registry: str) -> Login:
+        """The registry's credentials now: from its helper (run, cached), else the file."""
+        name = self.helper_for(registry)
+        if name is None:
+            return self.login(registry)
+        return await self._runner.login(name, registry)
+
+    def forget(self, registry: str) -> None:
+        """The credentials for ``registry`` were refused: ask its helper again next time."""
+        name = self.helper_for(registry)
+        if name is not None:
+            self._runner.forget(name, registry)
 
     def get(self, registry: str) -> tuple[str, str] | None:
         if self.path:
@@ -89,7 +132,9 @@ class Credentials:
         if stamp == self._stamp:
             return
         try:
-            entries, elsewhere = parse_docker_config(Path(self.path).read_bytes())
+            raw = Path(self.path).read_bytes()
+            entries, elsewhere = parse_docker_config(raw)
+            helpers, store = parse_helpers(raw)
         except (OSError, ValueError) as exc:
             if strict:
                 raise ValueError(f"cannot read docker config {self.path}: {exc}") from exc
@@ -97,7 +142,9 @@ class Credentials:
                         "before: %s", self.path, exc)
             return
         self._entries, self._elsewhere, self._stamp = entries, elsewhere, stamp
-        log.info("read credentials for %d registries from %s", len(entries), self.path)
+        self._helpers, self._store = helpers, store
+        log.info("read credentials for %d registries from %s%s", len(entries), self.path,
+                 f", credential helpers for {len(helpers)}" if helpers else "")
 
 
 def parse_docker_config(raw: bytes) -> tuple[dict[str, tuple[str, str]], dict[str, str]]:
@@ -110,10 +157,6 @@ def parse_docker_config(raw: bytes) -> tuple[dict[str, tuple[str, str]], dict[st
         raise ValueError('"auths" is not an object')
     entries: dict[str, tuple[str, str]] = {}
     elsewhere: dict[str, str] = {}
-    helpers = data.get("credHelpers")
-    if isinstance(helpers, dict):
-        for host in helpers:
-            elsewhere[registry_of(str(host))] = "a credential helper (credHelpers)"
     for host, entry in auths.items():
         name = registry_of(str(host))
         if not isinstance(entry, dict):
@@ -133,13 +176,197 @@ def parse_docker_config(raw: bytes) -> tuple[dict[str, tuple[str, str]], dict[st
             entries[name] = (user, password)
         elif entry.get("identitytoken"):
             elsewhere[name] = "an identity token"
-    if isinstance(data.get("credsStore"), str):
-        # "*": any registry without an "auths" entry may be in the store
-        elsewhere["*"] = "a credential store (credsStore)"
     return entries, elsewhere
+
+
+def parse_helpers(raw: bytes) -> tuple[dict[str, str], str | None]:
+    """(registry → credential helper name from "credHelpers", the "credsStore" name)."""
+    data = json.loads(raw)
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    helpers = data.get("credHelpers") or {}
+    if not isinstance(helpers, dict):
+        raise ValueError('"credHelpers" is not an object')
+    out: dict[str, str] = {}
+    for host, name in helpers.items():
+        if not isinstance(name, str) or not _HELPER_NAME.fullmatch(name):
+            raise ValueError(f'"credHelpers" entry for {str(host)[:80]!r}: '
+                             f"{str(name)[:80]!r} is not a helper name")
+        out[registry_of(str(host))] = name
+    store = data.get("credsStore") or None
+    if store is not None and (not isinstance(store, str) or not _HELPER_NAME.fullmatch(store)):
+        raise ValueError(f'"credsStore": {str(store)[:80]!r} is not a helper name')
+    return out, store
 
 
 def registry_of(host: str) -> str:
     """docker config keys are hosts, sometimes URLs ("https://index.docker.io/v1/")."""
     name = re.sub(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", "", host).split("/")[0]
     return "docker.io" if name in _DOCKER_HUB_ALIASES else name
+
+
+# ---- credential helpers -------------------------------------------------------------
+
+#: docker-credential-NAME: a plain file name, nothing a path could be made of
+_HELPER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+#: what a helper says when it holds nothing for the host (docker's errCredentialsNotFound)
+_NOT_FOUND = "credentials not found in native keychain"
+#: the key docker uses for Docker Hub in helpers and stores
+DOCKER_HUB_SERVER = "https://index.docker.io/v1/"
+
+
+@dataclass(frozen=True)
+class HelperSettings:
+    #: seconds one helper run may take (it runs while a container creation waits)
+    timeout: float = 1.0
+    #: seconds an answer is reused for the same (helper, host)
+    ttl: float = 300.0
+    #: seconds a failure (or "none for this host") is remembered before asking again
+    failure_ttl: float = 30.0
+    #: look helpers up in this directory instead of $PATH
+    directory: str | None = None
+    #: bytes of a helper's stdout (the JSON answer); its stderr is cut to MAX_STDERR
+    max_stdout: int = 64 * 1024
+    max_stderr: int = 4096
+
+
+class HelperError(Exception):
+    """The helper could not be run or answered nonsense; the message is fixed words."""
+
+
+@dataclass
+class _Memo:
+    login: Login
+    expires: float
+
+
+class HelperRunner:
+    """Runs ``docker-credential-NAME get`` per (helper, host), cached, one run at a time each.
+
+    Never blocks the event loop (an asyncio subprocess), never longer than
+    ``timeout`` (its process group is killed), never more than ``max_stdout``
+    bytes read; stderr is only logged, cut. A run belongs to no caller: a
+    creation whose deadline passes stops waiting, the run finishes for the next.
+    """
+
+    MAX_ENTRIES = 256
+
+    def __init__(self, settings: HelperSettings | None = None) -> None:
+        self.settings = settings or HelperSettings()
+        self._memo: dict[tuple[str, str], _Memo] = {}
+        self._running: dict[tuple[str, str], asyncio.Task[tuple[Login, float]]] = {}
+
+    def forget(self, name: str, registry: str) -> None:
+        self._memo.pop((name, registry), None)
+
+    async def login(self, name: str, registry: str) -> Login:
+        key = (name, registry)
+        memo = self._memo.get(key)
+        if memo is not None and memo.expires > time.monotonic():
+            return memo.login
+        task = self._running.get(key)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._ask(name, registry))
+            self._running[key] = task
+            task.add_done_callback(lambda _t: self._finished(key, _t))
+        login, _ttl = await asyncio.shield(task)
+        return login
+
+    def _finished(self, key: tuple[str, str], task: asyncio.Task[tuple[Login, float]]) -> None:
+        self._running.pop(key, None)
+        if task.cancelled() or task.exception() is not None:
+            return
+        login, ttl = task.result()
+        if len(self._memo) >= self.MAX_ENTRIES:
+            self._memo.pop(next(iter(self._memo)))
+        self._memo[key] = _Memo(login, time.monotonic() + ttl)
+
+    async def _ask(self, name: str, registry: str) -> tuple[Login, float]:
+        program = f"docker-credential-{name}"
+        source = f" from credential helper {program}"
+        try:
+            answer = await self.run(name, DOCKER_HUB_SERVER if registry == "docker.io"
+                                    else registry)
+        except HelperError as exc:
+            log.warning("credential helper %s for %s: %s", program, registry, exc)
+            return Login(None, "", f"; the credential helper {program} failed: {exc}"), \
+                self.settings.failure_ttl
+        if answer is None:
+            return Login(None, "", f"; the credential helper {program} has none for it"), \
+                self.settings.failure_ttl
+        user, secret = answer
+        if user == "<token>":
+            return Login(None, "", f"; the credential helper {program} holds an identity "
+                         "token for it, which is not supported"), self.settings.failure_ttl
+        return Login((user, secret), source), self.settings.ttl
+
+    async def run(self, name: str, server: str) -> tuple[str, str] | None:
+        """(user, secret) the helper holds for ``server``; None when it holds none."""
+        s = self.settings
+        if not _HELPER_NAME.fullmatch(name):
+            raise HelperError("not a helper name")
+        program = f"docker-credential-{name}"
+        path = shutil.which(program, path=s.directory or os.environ.get("PATH", os.defpath))
+        if path is None:
+            raise HelperError(f"{program} not found in "
+                              f"{s.directory or '$PATH'}")
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                path, "get", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, start_new_session=True)
+        except OSError as exc:
+            raise HelperError(f"cannot run: {exc.strerror or type(exc).__name__}") from None
+        try:
+            async with asyncio.timeout(s.timeout):
+                out, err, code = await self._talk(proc, server)
+        except TimeoutError:
+            raise HelperError(f"no answer within {s.timeout:g}s") from None
+        finally:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        text_err = err.decode("utf-8", "replace")
+        if code != 0:
+            if _NOT_FOUND in text_err or _NOT_FOUND in out.decode("utf-8", "replace"):
+                return None
+            log.info("%s get exited %d: %s", program, code, quote_untrusted(text_err, 200))
+            raise HelperError(f"exited with status {code}")
+        if text_err.strip():
+            log.debug("%s get: %s", program, quote_untrusted(text_err, 200))
+        try:
+            data = json.loads(out)
+            user, secret = data["Username"], data["Secret"]
+        except (ValueError, KeyError, TypeError):
+            raise HelperError("answered something other than "
+                              '{"ServerURL", "Username", "Secret"}') from None
+        if not isinstance(user, str) or not isinstance(secret, str) or not user:
+            raise HelperError("answered without a user name or secret")
+        return user, secret
+
+    async def _talk(self, proc: asyncio.subprocess.Process,
+                    server: str) -> tuple[bytes, bytes, int]:
+        s = self.settings
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            proc.stdin.write(server.encode() + b"\n")
+            await proc.stdin.drain()
+            proc.stdin.close()
+        out, err, code = await asyncio.gather(
+            _read_capped(proc.stdout, s.max_stdout, "stdout"),
+            _read_capped(proc.stderr, s.max_stderr, None),
+            proc.wait())
+        return out, err, code
+
+
+async def _read_capped(stream: asyncio.StreamReader, cap: int, what: str | None) -> bytes:
+    """At most ``cap`` bytes; more is an error for ``what`` or, if None, drained and dropped."""
+    buf = bytearray()
+    while chunk := await stream.read(4096):
+        if len(buf) < cap:
+            buf += chunk[: cap - len(buf)]
+        elif what is not None:
+            raise HelperError(f"sent more than {cap} bytes on {what}")
+    return bytes(buf)
