@@ -120,8 +120,8 @@ def git_revision() -> str | None:
 class Layer:
     """An uncompressed, reproducible tar: entries added in order, owner 0, fixed mtime."""
 
-    def __init__(self, out: io.BufferedWriter, mtime: int) -> None:
-        self.tar = tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT)
+    def __init__(self, tar: tarfile.TarFile, mtime: int) -> None:
+        self.tar = tar
         self.mtime = mtime
         self.dirs: set[str] = set()
 
@@ -166,14 +166,12 @@ class Layer:
             else:
                 self.file(member, path.read_bytes(), mode)
 
-    def close(self) -> None:
-        self.tar.close()
-
 
 def write_layer(path: Path, bundle: Path, libraries: Iterable[str], config: Path,
                 mtime: int) -> None:
-    with path.open("wb") as out:
-        layer = Layer(out, mtime)
+    with path.open("wb") as out, tarfile.open(fileobj=out, mode="w",
+                                              format=tarfile.PAX_FORMAT) as tar:
+        layer = Layer(tar, mtime)
         layer.tree(bundle, PREFIX.lstrip("/"))
         for lib in sorted(libraries):
             # at the path ldd named, as a file (Debian's /lib is a link to usr/lib; the
@@ -188,7 +186,6 @@ def write_layer(path: Path, bundle: Path, libraries: Iterable[str], config: Path
         layer.file("etc/group", f"root:x:0:\nnonroot:x:{USER}:\n".encode())
         for name, mode, uid in WRITABLE:
             layer.directory(name, mode, uid)
-        layer.close()
 
 
 def umoci(*args: str) -> None:
@@ -278,6 +275,18 @@ def build(bundle: Path, out: Path, work: Path, config: Path) -> str:
     out.parent.mkdir(parents=True, exist_ok=True)
     archive(layout, out, epoch)
     return reference()
+
+
+def unpack(archive: Path, work: Path) -> Path:
+    """The archive as a runtime bundle (``work``/bundle: rootfs/ and config.json made
+    from the image's config by ``umoci unpack``); the layout is kept at ``work``/oci."""
+    layout = work / "oci"
+    with tarfile.open(archive) as tar:
+        tar.extractall(layout, filter="data")
+    bundle = work / "bundle"
+    subprocess.run(["umoci", "unpack", "--image", f"{layout}:{version()}", str(bundle)],
+                   check=True, capture_output=True)
+    return bundle
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,7 +19,6 @@ import contextlib
 import json
 import os
 import subprocess
-import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,18 +48,13 @@ def daemonset_container() -> dict[str, Any]:
 def unpack(archive: Path, work: Path) -> Path:
     """The archive as a node's runtime gets it: the image named in index.json, unpacked
     into an OCI runtime bundle (rootfs/ and config.json from the image's config)."""
-    layout = work / "oci"
-    with tarfile.open(archive) as tar:
-        tar.extractall(layout, filter="data")
-    index = json.loads((layout / "index.json").read_text())
+    bundle = image.unpack(archive, work)
+    index = json.loads((work / "oci/index.json").read_text())
     (entry,) = index["manifests"]
     assert entry["annotations"] == {
         "org.opencontainers.image.ref.name": image.version(),
         "io.containerd.image.name": image.reference(),
     }
-    bundle = work / "bundle"
-    subprocess.run(["umoci", "unpack", "--image", f"{layout}:{image.version()}", str(bundle)],
-                   check=True, capture_output=True)
     return bundle
 
 
