@@ -1,5 +1,6 @@
 """Shared fixtures: real registry processes, started once per session and only when used;
-Debian's default seccomp profile."""
+Debian's default seccomp profile; the PyInstaller bundle and the container image, built
+once per session (test_bundle, test_image)."""
 
 from __future__ import annotations
 

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -142,8 +143,15 @@ def prepared(archive: Path, work: Path, registry: LocalRegistry) -> tuple[Path, 
     # the image's own defaults: non-root, the DaemonSet's arguments, the bundle's program
     assert spec["process"]["user"] == {"uid": image.USER, "gid": image.USER}
     assert spec["process"]["args"] == [image.ENTRYPOINT, *daemonset_container()["args"]]
+    # besides the bundle: the C library's files, the probes' `test`, configuration
     rootfs = bundle / "rootfs"
-    assert not (rootfs / "bin").exists() and not (rootfs / "usr/lib/python3").exists()
+    files = {p.relative_to(rootfs).as_posix() for p in rootfs.rglob("*")
+             if not p.is_dir() and not p.is_relative_to(rootfs / image.PREFIX.lstrip("/"))}
+    libs = {f for f in files if f.startswith(("lib/", "lib64/"))}
+    assert files - libs == {"usr/bin/test", "etc/passwd", "etc/group",
+                            "etc/nri-seccomp/config.yaml"}
+    assert all(re.search(r"/(libc|libm|libdl|libpthread|librt|libutil|libz|ld-linux-x86-64)"
+                         r"[.-]so", "/" + lib) for lib in libs), libs
 
     host = {name: work / name for name in ("nri", "config", "cache")}
     for path in host.values():
