@@ -3,13 +3,15 @@
 SYSTEM_PYTHON ?= python3
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
-APT_PACKAGES := docker-registry libseccomp2 skopeo golang-github-containers-common systemd
+# umoci builds the image (make image); runc runs it in tests/test_image.py
+APT_PACKAGES := docker-registry libseccomp2 skopeo golang-github-containers-common systemd \
+	umoci runc
 PROTO_FILES := $(wildcard proto/nri_seccomp/nri/pb/*.proto) \
 	$(wildcard proto/nri_seccomp/containerd/pb/*.proto)
 # the containerd services the plugin calls over gRPC (images, content) also get stubs
 GRPC_PROTO_FILES := $(wildcard proto/nri_seccomp/containerd/pb/*.proto)
 
-.PHONY: deps proto test lint demo bench bench-deploy bundle install install-service uninstall lock bundle clean runtime-deps install-runtime
+.PHONY: deps proto test lint demo bench bench-deploy bundle image install install-service uninstall lock clean runtime-deps install-runtime
 
 # Debian packages (skipped when present), then a virtualenv with our package.
 deps: $(VENV)/.installed
@@ -115,9 +117,28 @@ uninstall:
 
 # dist/nri-seccomp/: the plugin with its own interpreter and libseccomp (PyInstaller
 # onedir); needs glibc >= the build machine's (2.36 on Debian 12) and nothing else.
-bundle: deps
+# Rebuilt only when a source, the spec or the virtualenv changed: the tests that use it
+# (test_bundle, test_image) each run `make bundle`, and PyInstaller then runs once.
+BUNDLE_EXE := dist/nri-seccomp/nri-seccomp
+BUNDLE_SRC := $(shell find nri_seccomp -name '*.py') $(wildcard packaging/*.py) \
+	packaging/nri-seccomp.spec
+bundle: deps $(BUNDLE_EXE)
+
+$(BUNDLE_EXE): $(VENV)/.installed $(BUNDLE_SRC)
 	$(PYTHON) -m PyInstaller --noconfirm --log-level WARN --distpath dist \
 	  --workpath build/pyinstaller packaging/nri-seccomp.spec
+	touch $@
+
+# build/nri-seccomp-image.oci.tar: the bundle as an OCI image (no base, no registry,
+# built with umoci; devtools/image.py says what is in it), named
+# localhost/nri-seccomp:<version> as deploy/daemonset.yaml references it. Load it with
+# `kind load image-archive`, `ctr -n k8s.io images import` or
+# `skopeo copy oci-archive:build/nri-seccomp-image.oci.tar:<version> ...`.
+# Layer, config and archive take their times from SOURCE_DATE_EPOCH (default: the last
+# commit's), so the same bundle gives the same file.
+IMAGE_ARCHIVE := build/nri-seccomp-image.oci.tar
+image: bundle
+	$(PYTHON) -m devtools.image --bundle dist/nri-seccomp --out $(IMAGE_ARCHIVE)
 
 # packaging/requirements.lock from pyproject's run-time dependencies alone.
 lock:

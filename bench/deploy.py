@@ -9,6 +9,10 @@
   in this sandbox, so the unit itself is not what restarts it here): the time
   from the kill to the restarted plugin's answer to an annotated CreateContainer
   (the profile comes from the on-disk cache: the cache survives the crash);
+* the image (``make image``) under runc: from ``runc run -d`` of the unpacked image
+  (as the DaemonSet runs it: uid 0, no capabilities, read-only root) to the external
+  plugin registered on the driver's socket, beside the bundle started directly as an
+  external plugin in the same run (the ratio is runc's and the container's share);
 * runtime restart to serving again: the driver's NRI socket is closed with the
   connection (containerd going away) and reopened after a down time; the time
   from the reopening to the external plugin registered again and answering.
@@ -23,15 +27,17 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from devtools import driver
+from devtools import driver, image
 from devtools.registry import LocalRegistry
 from nri_seccomp.nri import ttrpc
 from nri_seccomp.nri.pb import nri_pb2
@@ -83,6 +89,87 @@ async def startup(argv: Sequence[str], config: str, rounds: int) -> tuple[list[f
         configured.append(conn.timings.configured - conn.timings.spawned)
         await conn.wait_closed()
     return registered, configured
+
+
+IMAGE_ARCHIVE = CHECKOUT / "build/nri-seccomp-image.oci.tar"
+BUNDLE_EXE = CHECKOUT / "dist/nri-seccomp/nri-seccomp"
+
+
+def container_spec(bundle: Path, host: Path) -> None:
+    """config.json as the DaemonSet's pod, but the host's network (the registry)."""
+    path = bundle / "config.json"
+    spec = json.loads(path.read_text())
+    proc = spec["process"]
+    proc["terminal"], proc["user"], proc["noNewPrivileges"] = False, {"uid": 0, "gid": 0}, True
+    proc["capabilities"] = {k: [] for k in proc["capabilities"]}
+    proc["args"] = [image.ENTRYPOINT, "--external", "--socket", "/var/run/nri/nri.sock",
+                    "--config", "/etc/nri-seccomp/config.yaml"]
+    spec["root"]["readonly"] = True
+    spec["linux"]["namespaces"] = [n for n in spec["linux"]["namespaces"]
+                                   if n["type"] != "network"]
+    for dest, name in (("/var/run/nri", "nri"), ("/etc/nri-seccomp", "config"),
+                       ("/var/lib/nri-seccomp", "cache")):
+        spec["mounts"].append({"destination": dest, "type": "bind",
+                               "source": str(host / name), "options": ["rbind"]})
+    spec["mounts"].append({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
+                           "options": ["mode=1777"]})
+    path.write_text(json.dumps(spec))
+
+
+async def external_startup(argv: Sequence[str], listener: driver.ExternalListener,
+                           stop: Sequence[str] = ()) -> float:
+    """From running ``argv`` to the plugin registered on ``listener``; then ``stop``
+    (or a kill of ``argv``'s process)."""
+    t0 = time.monotonic()
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL)
+    try:
+        conn = await asyncio.wait_for(listener.connections.get(), 60)
+        await asyncio.wait_for(conn.registered.wait(), 30)
+        took = time.monotonic() - t0
+        conn.close()
+        return took
+    finally:
+        if stop:
+            await proc.wait()
+            await asyncio.to_thread(subprocess.run, list(stop), capture_output=True)
+        else:
+            proc.kill()
+            await proc.wait()
+
+
+async def image_startup(work: Path, registry: LocalRegistry,
+                        rounds: int) -> tuple[list[float], list[float]] | None:
+    """(bundle, image under runc) start-up to RegisterPlugin, alternating, as an external
+    plugin with the same configuration; None without the image, runc or umoci."""
+    if not (IMAGE_ARCHIVE.exists() and BUNDLE_EXE.exists() and shutil.which("runc")
+            and shutil.which("umoci")):
+        return None
+    host = work / "host"
+    for name in ("nri", "config", "cache"):
+        (host / name).mkdir(parents=True)
+    (host / "config" / "config.yaml").write_text(
+        config_text(Path("/var/lib/nri-seccomp/cache"), registry))
+    bundle = await asyncio.to_thread(image.unpack, IMAGE_ARCHIVE, work / "image")
+    container_spec(bundle, host)
+    sock = host / "nri" / "nri.sock"
+    listener = driver.ExternalListener(str(sock))
+    await listener.start()
+    runc = ["runc", "--root", str(work / "runc")]
+    direct, contained = [], []
+    try:
+        for i in range(rounds):
+            direct.append(await external_startup(
+                [str(BUNDLE_EXE), "--external", "--socket", str(sock), "--config",
+                 str(host / "config" / "config.yaml")], listener))
+            cid = f"bench-{os.getpid()}-{i}"
+            contained.append(await external_startup(
+                [*runc, "run", "--detach", "--bundle", str(bundle), cid], listener,
+                stop=[*runc, "delete", "--force", cid]))
+    finally:
+        await listener.stop()
+    return direct, contained
 
 
 class Supervisor:
@@ -174,6 +261,13 @@ async def main_async(rounds: int, down: float) -> list[tuple[str, str]]:
             registered, configured = await startup(argv, config, rounds)
             rows.append((f"start-up to RegisterPlugin, {name}", fmt(registered)))
             rows.append((f"start-up to Configure answered, {name}", fmt(configured)))
+        measured = await image_startup(Path(tmp) / "image", registry, rounds)
+        if measured is not None:
+            direct, contained = measured
+            rows.append(("start-up to RegisterPlugin, bundle as external plugin", fmt(direct)))
+            ratio = statistics.median(contained) / statistics.median(direct)
+            rows.append(("start-up to RegisterPlugin, image under runc (external; ratio to "
+                         "the row above)", f"{fmt(contained)}, x{ratio:.2f}"))
         work = Path(tmp) / "crash"
         work.mkdir()
         argv = commands().get("bundle", driver.plugin_command())

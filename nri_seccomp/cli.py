@@ -6,8 +6,10 @@ import argparse
 import logging
 import logging.handlers
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
+from types import FrameType
 
 from nri_seccomp.bounded import BoundedFormatter
 from nri_seccomp.lazy import LazySeccompPlugin
@@ -74,6 +76,17 @@ def log_handler(args: argparse.Namespace) -> logging.Handler:
     return handler
 
 
+def _stop_as_on_sigint(signum: int, frame: FrameType | None) -> None:
+    # asyncio.run's SIGINT handler cancels the main task (then KeyboardInterrupt, which
+    # run_plugin expects); outside asyncio.run, Python's default handler raises it. A
+    # SIGINT ignored from the start (a background job of a shell) has neither.
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):
+        handler(signal.SIGINT, frame)
+    else:
+        raise KeyboardInterrupt
+
+
 def main(
     argv: Sequence[str] | None = None,
     plugin_factory: Callable[[argparse.Namespace], object] | None = None,
@@ -104,6 +117,11 @@ def main(
         plugin: object = LazySeccompPlugin(config_path=args.config)
     else:
         plugin = plugin_factory(args)
+    # SIGTERM (a container's or a service's stop) ends the plugin as SIGINT does: the
+    # serving task is cancelled, workers are stopped, the ready file is removed, exit 0.
+    # Without a handler, the process as PID 1 of a container (the image) would ignore
+    # it, and the kubelet would wait the whole grace period to SIGKILL it.
+    signal.signal(signal.SIGTERM, _stop_as_on_sigint)
     socket_path = args.socket or (stub.DEFAULT_SOCKET_PATH if args.external else None)
     try:
         code = stub.run_plugin(

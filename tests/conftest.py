@@ -1,10 +1,13 @@
 """Shared fixtures: real registry processes, started once per session and only when used;
-Debian's default seccomp profile."""
+Debian's default seccomp profile; the PyInstaller bundle and the container image, built
+once per session (test_bundle, test_image)."""
 
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 # before grpc is imported (devtools.fakecontainerd, the client tests): this process forks
 # the plugin with a preexec_fn while grpc's threads may be busy; see nri_seccomp.containerd
@@ -12,6 +15,7 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import pytest
 
+from devtools import driver
 from devtools.fakecontainerd import FakeContainerd
 from devtools.registry import LocalRegistry
 from tests.profiles import SYSTEM_PROFILE
@@ -54,6 +58,26 @@ def debian_profile(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     assert SYSTEM_PROFILE.exists(), (
         f"{SYSTEM_PROFILE} is missing: install golang-github-containers-common (make deps)")
     return SYSTEM_PROFILE.read_bytes()
+
+
+def _make(target: str) -> None:
+    proc = subprocess.run(["make", "-C", str(driver.CHECKOUT), target],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert proc.returncode == 0, f"make {target}:\n{proc.stderr}"
+
+
+@pytest.fixture(scope="session")
+def bundle() -> Path:
+    """dist/nri-seccomp (`make bundle`; PyInstaller runs only when a source changed)."""
+    _make("bundle")
+    return driver.CHECKOUT / "dist/nri-seccomp"
+
+
+@pytest.fixture(scope="session")
+def image_archive(bundle: Path) -> Path:
+    """build/nri-seccomp-image.oci.tar (`make image`), from the session's bundle."""
+    _make("image")
+    return driver.CHECKOUT / "build/nri-seccomp-image.oci.tar"
 
 
 def pytest_configure(config: pytest.Config) -> None:

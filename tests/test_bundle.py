@@ -13,12 +13,12 @@ import asyncio
 import os
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from devtools import driver
+from devtools.image import needed_libraries
 from devtools.registry import LocalRegistry
 
 from . import deploy_scenario as scenario
@@ -29,33 +29,6 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
                        reason="chroot and mounts need root, and unshare(1)"),
 ]
-
-BUNDLE = driver.CHECKOUT / "dist/nri-seccomp"
-
-
-@pytest.fixture(scope="module")
-def bundle() -> Path:
-    subprocess.run(["make", "-C", str(driver.CHECKOUT), "bundle"], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    return BUNDLE
-
-
-def needed_libraries(tree: Path) -> set[str]:
-    """The system files ldd names for every ELF file of ``tree`` (outside ``tree``)."""
-    out: set[str] = set()
-    for path in tree.rglob("*"):
-        if not path.is_file() or path.read_bytes()[:4] != b"\x7fELF":
-            continue
-        # the bootloader (the top executable) is loaded by the system's loader alone;
-        # what runs after it finds the bundled copies first: ldd is asked the same way
-        top = path.parent == tree
-        ldd = subprocess.run(["ldd", str(path)], capture_output=True, text=True,
-                             env={} if top else {"LD_LIBRARY_PATH": str(tree / "_internal")})
-        for lib in re.findall(r"(/\S+) \(0x", ldd.stdout):
-            if not Path(lib).resolve().is_relative_to(tree.resolve()):
-                out.add(lib)
-    return out
-
 
 def make_root(bundle: Path, root: Path) -> set[str]:
     shutil.copytree(bundle, root / "bundle", symlinks=True)

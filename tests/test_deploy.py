@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
+from devtools import image
 from nri_seccomp import config
 
 kubernetes = pytest.importorskip("kubernetes")
@@ -142,11 +143,14 @@ def test_daemonset_settings() -> None:
     ds = next(d for d in resources() if d["kind"] == "DaemonSet")
     pod = ds["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    assert container["image"] == "nri-seccomp:dev"
-    assert container["args"] == [
+    # the image `make image` builds, its default arguments spelt out
+    assert container["image"] == image.reference()
+    assert container["args"] == image.CMD == [
         "--external", "--socket", "/var/run/nri/nri.sock", "--config",
         "/etc/nri-seccomp/config.yaml", "--ready-file", "/run/nri-seccomp/ready",
     ]
+    # the image runs as 65532 by default; NRI's socket is root's (tests/test_image.py)
+    assert pod["securityContext"]["runAsUser"] == 0 != image.USER
     for probe in ("livenessProbe", "readinessProbe"):
         assert container[probe]["exec"]["command"] == ["test", "-f", "/run/nri-seccomp/ready"]
     assert pod["priorityClassName"] == "system-node-critical"

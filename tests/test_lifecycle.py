@@ -183,3 +183,47 @@ def test_end_of_file_stops_the_worker_processes_cleanly(tmp_path: Path) -> None:
     code, log, children = run(scenario())
     assert code == 0 and children == []
     assert "leaked" not in log and "Traceback" not in log
+
+
+@pytest.mark.parametrize("sigint", ["default", "ignored"])
+def test_sigterm_stops_the_external_plugin_cleanly(tmp_path: Path, sigint: str) -> None:
+    """SIGTERM (kubelet's or systemd's stop) ends the plugin as SIGINT does: exit 0, the
+    ready file removed, well within the grace period. It must be handled: as PID 1 of
+    its container (the image), a signal without a handler is ignored. A shell's
+    background job starts with SIGINT ignored; SIGTERM must work there as well."""
+    path = str(tmp_path / "nri.sock")
+    ready = tmp_path / "ready"
+    config = tmp_path / "config.yaml"
+    config.write_text(f"cache_dir: {tmp_path / 'cache'}\n")
+    argv = driver.plugin_command("--external", "--socket", path, "--config", str(config),
+                                 "--ready-file", str(ready))
+    if sigint == "ignored":
+        argv = ["sh", "-c", 'trap "" INT; exec "$@"', "sh", *argv]
+
+    async def scenario() -> tuple[int, float]:
+        listener = driver.ExternalListener(path)
+        await listener.start()
+        proc = await asyncio.create_subprocess_exec(
+            *argv, env=driver.child_environment(), stderr=asyncio.subprocess.DEVNULL)
+        try:
+            conn = await asyncio.wait_for(listener.connections.get(), 15)
+            await conn.handshake()
+            for _ in range(200):
+                if ready.exists():
+                    break
+                await asyncio.sleep(0.05)
+            assert ready.exists()
+            t0 = asyncio.get_running_loop().time()
+            proc.terminate()
+            code = await asyncio.wait_for(proc.wait(), 10)
+            return code, asyncio.get_running_loop().time() - t0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            await listener.stop()
+
+    code, took = run(scenario())
+    assert code == 0
+    assert not ready.exists()
+    assert took < 6  # the workers' shutdown is bounded by stub.SHUTDOWN_GRACE (5 s)
