@@ -14,12 +14,20 @@ from nri_seccomp.decide.reference import Reference
 from nri_seccomp.nri.pb import nri_pb2
 from nri_seccomp.registry import artifact, errors
 from nri_seccomp.seccomp import model
-from nri_seccomp.seccomp.worker import PreparedProfile, Translated, prepare_inline, translate_inline
+from nri_seccomp.seccomp.worker import (
+    CompileTimedOut,
+    PreparedProfile,
+    Translated,
+    prepare_inline,
+    translate_inline,
+)
 from nri_seccomp.storage import cache
 
 NODE = model.NodeContext(arch="amd64", kernel=(6, 1))
 GOOD = b'{"defaultAction": "SCMP_ACT_ALLOW"}'
 BOMB = b'{"bomb": true}'
+#: its first compile is stopped at the wall-clock budget (a busy node), the next succeeds
+SLOW = b'{"slow": true}'
 
 
 def digest(data: bytes) -> str:
@@ -113,6 +121,9 @@ class FakeCompiler:
         self.compiles += 1
         if data == BOMB:
             raise model.ProfileFieldError("syscalls[0] (names: read): too many conditions")
+        if data == SLOW and self.compiles == 1:
+            raise CompileTimedOut("compiling the profile exceeded its budget of 5.0 s "
+                                  "wall-clock time")
         policy = nri_pb2.LinuxSeccomp(default_action="SCMP_ACT_ALLOW")
         policy.syscalls.add(names=[data.decode()[:20]], action="SCMP_ACT_ERRNO")
         return PreparedProfile(policy.SerializeToString(), (0,), ())

@@ -203,3 +203,27 @@ def test_pod_creation_translates_a_cached_profile_again_after_a_reconnect() -> N
 
     asyncio.run(go())
     assert workers.translated == 2 and reg.calls == [REF]  # type: ignore[attr-defined]
+
+
+def test_translation_stopped_at_the_wall_clock_is_not_kept() -> None:
+    """A translation that failed because the node was busy (or a worker died) is
+    tried again by the next container; one the runtime cannot carry is kept."""
+    from nri_seccomp.seccomp import compat
+    from nri_seccomp.seccomp.worker import CompileTimedOut
+    from nri_seccomp.service.plugin import SeccompPlugin
+
+    async def go() -> list[bool]:
+        plugin = SeccompPlugin()
+        kept = []
+        for exc in (CompileTimedOut("wall-clock"), RuntimeError("worker died"),
+                    compat.UnsupportedByRuntime("no errnoRet", runtime="containerd", errno=1)):
+            key = ("sha256:" + type(exc).__name__, 1)
+            fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+            plugin._translations.put(key, fut)  # type: ignore[arg-type]
+            fut.set_exception(exc)
+            plugin._resize(key, fut)  # type: ignore[arg-type]
+            fut.exception()  # retrieved: no "never retrieved" warning
+            kept.append(key in plugin._translations)
+        return kept
+
+    assert asyncio.run(go()) == [False, False, True]

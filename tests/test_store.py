@@ -17,7 +17,7 @@ from nri_seccomp.service.store import (
     StoreSettings,
 )
 
-from .fakes import BOMB, GOOD, NODE, Clock, FakeCompiler, FakeDisk, FakeRegistry
+from .fakes import BOMB, GOOD, NODE, SLOW, Clock, FakeCompiler, FakeDisk, FakeRegistry
 
 
 def make(registry: FakeRegistry, disk: FakeDisk | None = None, clock: Clock | None = None,
@@ -239,6 +239,26 @@ def test_refused_layer_is_remembered_and_never_compiled_again() -> None:
     messages = run(go())
     assert compiler.compiles == 1  # the same layer under another tag costs nothing either
     assert all("too many conditions" in m for m in messages)  # type: ignore[union-attr]
+
+
+def test_layer_stopped_at_the_wall_clock_is_refused_briefly_then_compiled_again() -> None:
+    # the wall-clock budget says as much about a busy node as about the profile: the
+    # refusal lasts failure_ttl, not refused_ttl
+    reg = FakeRegistry({"r.example/p/a:1": SLOW})
+    store, compiler = make(reg, FakeDisk(), failure_ttl=0.05, refused_ttl=600.0)
+
+    async def go() -> str:
+        with pytest.raises(ProfileRejected, match="wall-clock"):
+            await store.get(TAG, soon())
+        with pytest.raises(ProfileRejected, match="wall-clock"):
+            await store.get(TAG, soon())  # within failure_ttl: from memory
+        assert compiler.compiles == 1
+        await asyncio.sleep(0.1)
+        ready = await store.get(TAG, soon())
+        return ready.compiled.digest
+
+    assert run(go())
+    assert compiler.compiles == 2
 
 
 def test_failed_reference_is_answered_from_memory_for_failure_ttl() -> None:

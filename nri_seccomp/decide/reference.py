@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from nri_seccomp import digest as digest_mod
 from nri_seccomp.errors import NriSeccompError
@@ -56,19 +56,28 @@ class Reference:
     repository: str
     tag: str | None = None
     digest: str | None = None
+    # asked for on every container creation (memo keys, the allow-list, the log line):
+    # joined once, since parse() hands out the same object for the same annotation
+    _text: str = field(init=False, repr=False, compare=False)
+    _name: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        name = f"{self.registry}/{self.repository}"
+        text = name
+        if self.tag is not None:
+            text += f":{self.tag}"
+        if self.digest is not None:
+            text += f"@{self.digest}"
+        object.__setattr__(self, "_name", name)
+        object.__setattr__(self, "_text", text)
 
     def __str__(self) -> str:
-        out = f"{self.registry}/{self.repository}"
-        if self.tag is not None:
-            out += f":{self.tag}"
-        if self.digest is not None:
-            out += f"@{self.digest}"
-        return out
+        return self._text
 
     @property
     def name(self) -> str:
         """``registry/repository``: what the allow-list patterns are matched against."""
-        return f"{self.registry}/{self.repository}"
+        return self._name
 
     @property
     def selector(self) -> str:

@@ -15,6 +15,7 @@ control characters); parsing it as a reference is ``reference``'s job.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -68,23 +69,41 @@ def resolve(
     Raises AnnotationError when the deciding value is hostile; values of keys
     that lose are not looked at, as CRI-O never reads them either.
     """
-    steps = (
-        ("pod-container", pod_annotations, f"/{container_name}"),
-        ("pod", pod_annotations, f"/{POD}"),
-        ("image", image_annotations, ""),
-        ("image-container", image_annotations, f"/{container_name}"),
-        ("image-pod", image_annotations, f"/{POD}"),
-    )
-    for source, where, suffix in steps:
-        for base in KEYS:
-            key = base + suffix
-            value = where.get(key)
-            if value is None:
-                continue
-            # screened before it reaches any log line, so a newline cannot forge one
-            check_value(key, value)
-            return Match(value, key, source, _log_line(source, key, value, container_name))
+    pod_keys, image_keys = _keys(container_name)
+    for source, key in pod_keys:
+        value = pod_annotations.get(key)
+        if value is not None:
+            return _match(source, key, value, container_name)
+    if image_annotations:
+        for source, key in image_keys:
+            value = image_annotations.get(key)
+            if value is not None:
+                return _match(source, key, value, container_name)
     return None
+
+
+def _match(source: str, key: str, value: str, container_name: str) -> Match:
+    # screened before it reaches any log line, so a newline cannot forge one
+    check_value(key, value)
+    return Match(value, key, source, _log_line(source, key, value, container_name))
+
+
+@functools.lru_cache(maxsize=1024)
+def _keys(container_name: str) -> tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]]:
+    """The (source, key) pairs in CRI-O's order, on the pod and on the image; the same
+    few container names come with every pod, so the keys are joined once."""
+    steps = (
+        ("pod-container", True, f"/{container_name}"),
+        ("pod", True, f"/{POD}"),
+        ("image", False, ""),
+        ("image-container", False, f"/{container_name}"),
+        ("image-pod", False, f"/{POD}"),
+    )
+    pod = tuple((source, base + suffix) for source, on_pod, suffix in steps if on_pod
+                for base in KEYS)
+    image = tuple((source, base + suffix) for source, on_pod, suffix in steps if not on_pod
+                  for base in KEYS)
+    return pod, image
 
 
 # CRI-O's wording, which operators grep for; {key}={value} is appended

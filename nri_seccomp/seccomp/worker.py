@@ -83,6 +83,12 @@ class CompileBudgetExceeded(NriSeccompError):
     """The job was stopped at its budget; the profile is refused."""
 
 
+class CompileTimedOut(CompileBudgetExceeded):
+    """The job was stopped at its wall-clock budget before its CPU budget: on a busy
+    node that says as much about the node as about the profile, so the refusal is
+    remembered briefly (``failure_ttl``), not for ``refused_ttl``."""
+
+
 @dataclass(frozen=True)
 class PreparedProfile:
     #: the node's normalised, compiled rules: a serialized ``nri_pb2.LinuxSeccomp``
@@ -306,7 +312,7 @@ class SeccompWorkers:
             tagged, used = await asyncio.wrap_future(future)
         except concurrent.futures.TimeoutError:
             self._charge(min(self.budget.cpu_seconds, self.budget.wall_seconds))
-            raise CompileBudgetExceeded(
+            raise CompileTimedOut(
                 f"compiling the profile exceeded its budget of {self.budget.wall_seconds} s "
                 "wall-clock time"
             ) from None

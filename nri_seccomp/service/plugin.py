@@ -32,7 +32,7 @@ from nri_seccomp.nri.stub import RuntimeInfo
 from nri_seccomp.registry.client import ArtifactFetcher
 from nri_seccomp.registry.errors import ArtifactError, PolicyError
 from nri_seccomp.seccomp import compat
-from nri_seccomp.seccomp.worker import CompileBudgetExceeded, SeccompWorkers
+from nri_seccomp.seccomp.worker import CompileBudgetExceeded, CompileTimedOut, SeccompWorkers
 from nri_seccomp.service import images
 from nri_seccomp.service.images import Image, ImageLookupError
 from nri_seccomp.service.store import Compiled, NotReady, ProfileRejected
@@ -43,6 +43,8 @@ IMAGE_NAME_ANNOTATION = "io.kubernetes.cri.image-name"
 #: translations (profile digest, runtime) kept in memory, in entries and in bytes
 TRANSLATIONS_KEPT = 256
 TRANSLATIONS_BYTES = 32 * 1024 * 1024
+#: translation failures that are the profile's own (kept like an answer until Configure)
+_KEPT_FAILURES = (compat.UnsupportedByRuntime, CompileBudgetExceeded)
 #: profiles prepared in the background at pod creation, at most, at once
 WARMING_LIMIT = 64
 
@@ -369,7 +371,14 @@ class SeccompPlugin:
     def _resize(
         self, key: tuple[str, int], fut: asyncio.Future[Answer]
     ) -> None:
-        if self._translations.get(key) is fut:
+        if self._translations.get(key) is not fut:
+            return
+        failed = BaseException() if fut.cancelled() else fut.exception()
+        if failed is not None and (isinstance(failed, CompileTimedOut)
+                                   or not isinstance(failed, _KEPT_FAILURES)):
+            # a busy node, a worker that died: the next container tries again
+            self._translations.pop(key)
+        else:
             self._translations.put(key, fut)
 
 

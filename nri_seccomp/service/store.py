@@ -46,7 +46,7 @@ from nri_seccomp.memo import BoundedMap, Busy, KeyedLimiter, SingleFlight
 from nri_seccomp.nri.pb import nri_pb2
 from nri_seccomp.registry import artifact, errors
 from nri_seccomp.seccomp import model
-from nri_seccomp.seccomp.worker import CompileBudgetExceeded, PreparedProfile
+from nri_seccomp.seccomp.worker import CompileBudgetExceeded, CompileTimedOut, PreparedProfile
 from nri_seccomp.storage import cache
 
 log = logging.getLogger(__name__)
@@ -422,7 +422,9 @@ class ProfileStore:
             # a profile error or a budget exceeded: either way this layer is refused,
             # and remembered so that a retry costs nothing
             rejected = ProfileRejected(digest, exc)
-            self._refused.put(digest, rejected, ttl=self._settings.refused_ttl)
+            ttl = (self._settings.failure_ttl if isinstance(exc, CompileTimedOut)
+                   else self._settings.refused_ttl)
+            self._refused.put(digest, rejected, ttl=ttl)
             raise rejected from exc
         compiled = Compiled(
             digest,
