@@ -6,8 +6,8 @@ The ``auths`` entries: ``auth`` (base64 of ``user:password``) or
 Hub's aliases all mean ``docker.io``), or an ``identitytoken`` (a refresh token
 from ``docker login`` against an OAuth token server). An entry with an identity
 token uses it, whatever else it holds: docker writes ``auth`` as ``user:`` (no
-password) beside it, and docker's and containerd's clients reading config.json
-prefer the token.
+password) beside it, and docker and the containerd-based tools that read
+config.json prefer the token.
 
 Credential helpers (``credHelpers``: host → helper) and the credential store
 (``credsStore``: every other host) are run as docker runs them:
