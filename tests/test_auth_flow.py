@@ -15,7 +15,7 @@ from nri_seccomp.decide.reference import parse
 from nri_seccomp.registry import auth
 from nri_seccomp.registry.auth import BasicAnswer, TokenRequest
 from nri_seccomp.registry.client import FetchSettings
-from nri_seccomp.registry.credentials import Login
+from nri_seccomp.registry.credentials import Login, parse_docker_config
 from nri_seccomp.registry.errors import (
     ArtifactError,
     PolicyError,
@@ -217,3 +217,136 @@ def test_token_refusal(status: int, login: Login, error: type[ArtifactError],
     assert (exc.registry, exc.status, exc.url) == ("reg.example", status,
                                                    "https://reg.example/token")
     assert "SECRET" not in str(exc)
+
+
+# ---- identity (refresh) tokens ------------------------------------------------------------
+
+TOKEN = "rEfReSh-T0KEN"
+HOLDER = Login(source=" from /etc/docker.json", identity_token=TOKEN)
+CHALLENGE = f'Bearer realm="{REALM}",service="reg",scope="repository:acme/prof:pull"'
+
+
+def test_identity_token_is_posted_to_the_realm_as_a_refresh_token_grant() -> None:
+    step = answer(CHALLENGE, HOLDER)
+    assert isinstance(step, auth.RefreshRequest)
+    assert (step.url, step.realm) == (REALM, REALM)
+    assert step.headers == {"Accept-Encoding": "identity",
+                            "Content-Type": "application/x-www-form-urlencoded"}
+    assert parse_qs(step.body.decode(), strict_parsing=True) == {
+        "grant_type": ["refresh_token"], "refresh_token": [TOKEN], "service": ["reg"],
+        "scope": [SCOPE], "client_id": ["nri-seccomp"]}
+    # the secret is in the body and the fallback only: not in the URL, not in a repr
+    assert TOKEN not in step.url and TOKEN not in repr(step) and TOKEN not in repr(HOLDER)
+
+
+def test_refresh_form() -> None:
+    # several scopes stay one space-separated value; an empty scope is left out
+    body = auth.refresh_form("t&k=v", "svc", "repository:a:pull repository:b:pull")
+    assert parse_qs(body.decode()) == {
+        "grant_type": ["refresh_token"], "refresh_token": ["t&k=v"], "service": ["svc"],
+        "client_id": ["nri-seccomp"], "scope": ["repository:a:pull repository:b:pull"]}
+    assert parse_qs(auth.refresh_form("t", "", "").decode(), keep_blank_values=True) == {
+        "grant_type": ["refresh_token"], "refresh_token": ["t"], "service": [""],
+        "client_id": ["nri-seccomp"]}
+
+
+def test_refresh_fallback_is_the_get_with_the_token_as_password() -> None:
+    """containerd's authorizer: a refresh token's POST answered 400, 401 or 404 → GET."""
+    step = answer(CHALLENGE, HOLDER)
+    assert isinstance(step, auth.RefreshRequest)
+    assert sorted(auth.FALLBACK_STATUSES) == [400, 401, 404]
+    parts = urlsplit(step.fallback.url)
+    assert f"{parts.scheme}://{parts.netloc}{parts.path}" == REALM
+    assert parse_qs(parts.query) == {"service": ["reg"], "scope": [SCOPE]}
+    assert step.fallback.realm == REALM
+    assert step.fallback.headers == {
+        "Accept-Encoding": "identity",
+        "Authorization": "Basic " + base64.b64encode(f":{TOKEN}".encode()).decode()}
+
+
+@pytest.mark.parametrize(("challenge", "settings", "error", "message"), [
+    ('Basic realm="r"', SETTINGS, Unauthorized, "registry reg.example asks for Basic "
+     "authentication; the identity token for reg.example from /etc/docker.json is only sent "
+     "to a token server"),
+    ('Bearer realm="https://collector.example/t"', SETTINGS, PolicyError,
+     "registry reg.example named a token server on another host, not listed in "
+     "registry.token_realm_hosts; refused"),
+    ('Bearer realm="http://reg.example/token"', SETTINGS, Unauthorized,
+     "token server 'http://reg.example/token' is plain HTTP; the identity token for "
+     "reg.example is not sent there"),
+])
+def test_identity_token_refusals(challenge: str, settings: FetchSettings,
+                                 error: type[ArtifactError], message: str) -> None:
+    with pytest.raises(error) as info:
+        answer(challenge, HOLDER, settings)
+    assert type(info.value) is error
+    assert str(info.value) == f"{REF}: {message}"
+    assert TOKEN not in str(info.value)
+
+
+def test_identity_token_to_plain_http_realm_of_an_insecure_registry() -> None:
+    insecure = FetchSettings(allowed=("reg.example/*",),
+                             insecure_registries=frozenset(["reg.example"]))
+    step = answer('Bearer realm="http://reg.example/token"', HOLDER, insecure)
+    assert isinstance(step, auth.RefreshRequest) and step.url == "http://reg.example/token"
+
+
+@pytest.mark.parametrize(("status", "posted", "error", "message"), [
+    (401, 400, Unauthorized, "token server 'https://reg.example/token' answered HTTP 400 to "
+     "the identity token's POST and HTTP 401 to the GET; the identity token for reg.example "
+     "from /etc/docker.json was refused"),
+    (403, None, Unauthorized, "answered HTTP 403; the identity token for reg.example from "
+     "/etc/docker.json was refused"),
+    (404, 404, Unauthorized, "answered HTTP 404 to the identity token's POST and HTTP 404 to "
+     "the GET"),
+    (503, 404, RegistryUnavailable, "answered HTTP 404 to the identity token's POST and HTTP "
+     "503 to the GET"),
+])
+def test_identity_token_refusal(status: int, posted: int | None, error: type[ArtifactError],
+                                message: str) -> None:
+    step = answer(CHALLENGE, HOLDER)
+    assert isinstance(step, auth.RefreshRequest)
+    exc = auth.token_refusal(REF, step.fallback, HOLDER, status, posted=posted)
+    assert type(exc) is error
+    assert str(exc).endswith(message)
+    assert TOKEN not in str(exc)
+
+
+def test_redirected_post_is_not_followed() -> None:
+    step = answer(CHALLENGE, HOLDER)
+    assert isinstance(step, auth.RefreshRequest)
+    exc = auth.token_refusal(REF, step, HOLDER, 307)
+    assert str(exc).endswith("token server 'https://reg.example/token' answered HTTP 307; "
+                             "a redirect is not followed with an identity token")
+
+
+def test_login_is_basic_or_identity_token() -> None:
+    assert (ALICE.present, ALICE.what, HOLDER.present, HOLDER.what, NOBODY.present) == (
+        True, "credentials", True, "identity token", False)
+    with pytest.raises(ValueError, match="not both"):
+        Login(("u", "p"), identity_token="t")
+
+
+# ---- identity tokens in config.json ------------------------------------------------------
+
+
+def test_docker_config_identity_tokens() -> None:
+    raw = json.dumps({"auths": {
+        # docker login writes the user without a password beside the token: the token wins
+        "https://index.docker.io/v1/": {"auth": base64.b64encode(b"alice:").decode(),
+                                        "identitytoken": TOKEN},
+        "tok.example": {"identitytoken": "other"},
+        "basic.example": {"username": "u", "password": "p", "identitytoken": ""},
+    }}).encode()
+    entries = parse_docker_config(raw)
+    assert entries == {"docker.io": Login(identity_token=TOKEN),
+                       "tok.example": Login(identity_token="other"),
+                       "basic.example": Login(("u", "p"))}
+
+
+@pytest.mark.parametrize("token", [1, ["t"], "two\nlines", "with space"])
+def test_docker_config_unusable_identity_token(token: object) -> None:
+    raw = json.dumps({"auths": {"r.io": {"identitytoken": token}}}).encode()
+    with pytest.raises(ValueError, match=r"'r\.io': \"identitytoken\" is not a single-line "
+                                         "string"):
+        parse_docker_config(raw)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import time
@@ -166,3 +167,100 @@ def test_credentials_not_sent_to_plain_http_token_server(tmp_path: Path) -> None
         assert f"token server '{reg.token_server.realm}' is plain HTTP; the credentials for " \
                f"{reg.address} are not sent there" in str(info.value)
         assert len(reg.token_server.requests) == before
+
+
+# ---- identity (refresh) tokens ----------------------------------------------------------
+
+IDENTITY_TOKEN = "idt-" + "7f3a9c" * 6
+
+
+def identity_config(path: Path, registry: str, token: str) -> Path:
+    # as docker login writes it: the user without a password, beside the token
+    path.write_text(json.dumps({"auths": {registry: {
+        "auth": base64.b64encode(b"alice:").decode(), "identitytoken": token}}}))
+    return path
+
+
+def test_identity_token_from_docker_config(token_registry: LocalRegistry,
+                                           tmp_path: Path) -> None:
+    reg = token_registry
+    assert reg.token_server is not None
+    tokens = reg.token_server
+    tokens.refresh_tokens[IDENTITY_TOKEN] = REGISTRY_USER[0]
+    realm_host = (urlsplit(tokens.realm).netloc,)
+    reg.push_profile("idt/prof", "v1", PROFILE)
+    ref = parse(f"{reg.address}/idt/prof:v1")
+    config = identity_config(tmp_path / "config.json", reg.address, IDENTITY_TOKEN)
+    f = fetcher(reg.address, docker_config=str(config), token_realm_hosts=realm_host)
+    seen = len(tokens.requests)
+    assert fetch(f, ref).data == PROFILE
+    assert head(f, ref) == fetch(f, ref).manifest_digest
+    # one POST of the refresh-token grant for the repository, reused; no GET, no Basic
+    asked = tokens.requests[seen:]
+    assert asked == [{
+        "grant_type": "refresh_token", "refresh_token": IDENTITY_TOKEN,
+        "service": "test-registry", "scope": "repository:idt/prof:pull",
+        "client_id": "nri-seccomp", "authorization": "", "method": "POST",
+        "content-type": "application/x-www-form-urlencoded"}]
+
+
+def test_wrong_identity_token(token_registry: LocalRegistry, tmp_path: Path) -> None:
+    reg = token_registry
+    assert reg.token_server is not None
+    tokens = reg.token_server
+    realm_host = (urlsplit(tokens.realm).netloc,)
+    reg.push_profile("idt/wrong", "v1", PROFILE)
+    wrong = "idt-wrong-" + "c0ffee" * 5
+    config = identity_config(tmp_path / "config.json", reg.address, wrong)
+    seen = len(tokens.requests)
+    with pytest.raises(errors.Unauthorized) as info:
+        fetch(fetcher(reg.address, docker_config=str(config), token_realm_hosts=realm_host),
+              parse(f"{reg.address}/idt/wrong:v1"))
+    # refused (400 invalid_grant), then the GET containerd falls back to, refused too
+    assert str(info.value) == (
+        f"{reg.address}/idt/wrong:v1: token server '{tokens.realm}' answered HTTP 400 to the "
+        f"identity token's POST and HTTP 401 to the GET; the identity token for "
+        f"{reg.address} from {config} was refused")
+    assert wrong not in str(info.value) and "c0ffee" not in str(info.value)
+    assert (info.value.registry, info.value.status) == (reg.address, 401)
+    assert [a["method"] for a in tokens.requests[seen:]] == ["POST", "GET"]
+
+
+def test_identity_token_where_the_token_server_has_no_post(token_registry: LocalRegistry,
+                                                           tmp_path: Path) -> None:
+    """A token server answering the POST 404 (GCR did): the GET, token as the password."""
+    reg = token_registry
+    assert reg.token_server is not None
+    tokens = reg.token_server
+    tokens.refresh_tokens[IDENTITY_TOKEN] = REGISTRY_USER[0]
+    realm_host = (urlsplit(tokens.realm).netloc,)
+    reg.push_profile("idt/nopost", "v1", PROFILE)
+    config = identity_config(tmp_path / "config.json", reg.address, IDENTITY_TOKEN)
+    seen = len(tokens.requests)
+    tokens.oauth = False
+    try:
+        art = fetch(fetcher(reg.address, docker_config=str(config),
+                            token_realm_hosts=realm_host),
+                    parse(f"{reg.address}/idt/nopost:v1"))
+    finally:
+        tokens.oauth = True
+    assert art.data == PROFILE
+    asked = tokens.requests[seen:]
+    assert [a["method"] for a in asked] == ["POST", "GET"]
+    assert asked[1]["scope"] == "repository:idt/nopost:pull"
+    assert asked[1]["authorization"] == "Basic " + base64.b64encode(
+        f":{IDENTITY_TOKEN}".encode()).decode()
+
+
+def test_identity_token_never_goes_to_a_basic_registry(htpasswd_registry: LocalRegistry,
+                                                       tmp_path: Path) -> None:
+    reg = htpasswd_registry
+    reg.push_profile("private/idt", "v1", PROFILE)
+    config = identity_config(tmp_path / "config.json", reg.address, IDENTITY_TOKEN)
+    with pytest.raises(errors.Unauthorized) as info:
+        fetch(fetcher(reg.address, docker_config=str(config)),
+              parse(f"{reg.address}/private/idt:v1"))
+    assert str(info.value) == (
+        f"{reg.address}/private/idt:v1: registry {reg.address} asks for Basic "
+        f"authentication; the identity token for {reg.address} from {config} is only sent "
+        "to a token server")

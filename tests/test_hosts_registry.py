@@ -11,7 +11,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import pytest
 
@@ -266,10 +266,12 @@ def test_helper_bounds(tmp_path: Path) -> None:
         login = await runner.login("slow", "r.io")
         out.append(f"{login.hint} {time.monotonic() - start < 2}")
         for name, host in (("loud", "r.io"), ("fails", "r.io"), ("missing", "r.io"),
-                           ("ok", "tok.io"), ("ok", "nothere.io")):
+                           ("ok", "nothere.io")):
             out.append((await runner.login(name, host)).hint)
         ok = await runner.login("ok", "r.io")
         out.append(f"{ok.basic} {ok.source}")
+        tok = await runner.login("ok", "tok.io")
+        out.append(f"{tok.what}: {tok.identity_token} {tok.basic}{tok.source}")
         return out
 
     assert run(main()) == [
@@ -279,11 +281,51 @@ def test_helper_bounds(tmp_path: Path) -> None:
         "; the credential helper docker-credential-fails failed: exited with status 3",
         "; the credential helper docker-credential-missing failed: docker-credential-missing "
         f"not found in {bin_dir}",
-        "; the credential helper docker-credential-ok holds an identity token for it, which "
-        "is not supported",
         "; the credential helper docker-credential-ok has none for it",
         "('u', 'p')  from credential helper docker-credential-ok",
+        # Username "<token>": the secret is an identity token
+        "identity token: refresh None from credential helper docker-credential-ok",
     ]
+
+
+def test_credential_helper_with_an_identity_token(token_registry: LocalRegistry,
+                                                  tmp_path: Path) -> None:
+    reg = token_registry
+    assert reg.token_server is not None
+    tokens = reg.token_server
+    refresh = "helper-idt-" + "5eed" * 6
+    tokens.refresh_tokens[refresh] = REGISTRY_USER[0]
+    reg.push_profile("idt/helped", "v1", PROFILE)
+    log = tmp_path / "helper.log"
+    helper(tmp_path / "bin", "idt", {reg.address: ("<token>", refresh)}, log)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"credHelpers": {reg.address: "idt"}}))
+    f = fetcher(reg.address, docker_config=str(config),
+                credential_helper_dir=str(tmp_path / "bin"),
+                token_realm_hosts=(urlsplit(tokens.realm).netloc,))
+    seen = len(tokens.requests)
+    ref = parse(f"{reg.address}/idt/helped:v1")
+    assert fetch(f, ref).data == PROFILE
+    assert asked(log) == [reg.address]
+    posted = tokens.requests[seen:]
+    assert [(a["method"], a["grant_type"], a["refresh_token"], a["client_id"], a["scope"])
+            for a in posted] == [("POST", "refresh_token", refresh, "nri-seccomp",
+                                  "repository:idt/helped:pull")]
+
+    # the helper's token refused: named as the helper's, not shown, the helper asked again
+    helper(tmp_path / "bin", "idt", {reg.address: ("<token>", "stale-" + "dead" * 6)}, log)
+    f = fetcher(reg.address, docker_config=str(config),
+                credential_helper_dir=str(tmp_path / "bin"),
+                token_realm_hosts=(urlsplit(tokens.realm).netloc,))
+    with pytest.raises(errors.Unauthorized) as info:
+        fetch(f, ref)
+    assert str(info.value).endswith(
+        "answered HTTP 400 to the identity token's POST and HTTP 401 to the GET; the identity "
+        f"token for {reg.address} from credential helper docker-credential-idt was refused")
+    assert "dead" not in str(info.value)
+    with pytest.raises(errors.Unauthorized):
+        fetch(f, ref)
+    assert asked(log) == [reg.address] * 3
 
 
 def test_a_mirror_with_its_own_credentials(upstream: LocalRegistry, tmp_path: Path) -> None:

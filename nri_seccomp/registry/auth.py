@@ -11,6 +11,15 @@ what to do:
   with ``service`` and ``scope``) with these headers, then hand the answer's
   status and body to ``token_authorization``, which returns the ``Bearer``
   value to retry with;
+- ``RefreshRequest``: ``Bearer`` challenge and the login is an identity (refresh)
+  token: POST this form to the realm (the OAuth2 refresh-token grant of
+  distribution's docs/spec/auth/oauth.md: ``grant_type=refresh_token``,
+  ``refresh_token``, ``service``, ``scope``, ``client_id``), redirects not
+  followed; a 200 answer goes to ``token_authorization`` (``access_token``). A
+  token server that does not speak the POST (HTTP 400, 401 or 404, the statuses
+  containerd's authorizer falls back on for a refresh token, ``FALLBACK_STATUSES``)
+  is asked again with the request's ``fallback``: the GET, the token as the
+  password of an empty user name, as containerd does;
 - a refusal, raised as the ``ArtifactError`` the fetch ends with.
 
 The rules it enforces: no credentials means ``Unauthorized`` naming the setting
@@ -19,7 +28,8 @@ or an unusable realm is refused; a token realm must be on the registry's own
 host or listed in ``token_realm_hosts`` (else a registry could send the node's
 credentials, or the node itself, to any host: ``PolicyError``); credentials are
 never sent to a plain-HTTP token server unless the registry is configured
-insecure; a token server's 401/403 says whether credentials were sent; a 429 or
+insecure; an identity token is only ever sent to that realm (a Basic challenge
+is not answered with one); a token server's 401/403 says whether credentials were sent; a 429 or
 5xx is ``RegistryUnavailable``; a token must be a non-empty single-line string.
 Challenge and realm text reach messages only through ``bounded.quote_untrusted``.
 
@@ -53,6 +63,11 @@ if TYPE_CHECKING:
 
 #: a token server's answer: a JSON object with a token, a few KiB in practice
 MAX_TOKEN_RESPONSE = 64 * 1024
+#: who asks, in the refresh-token POST (oauth.md: need not be registered, for auditing)
+CLIENT_ID = "nri-seccomp"
+#: answers to the refresh-token POST that mean "ask with GET" (containerd, for a
+#: refresh token: 404 from registries without the POST, 401 JFrog, 400 ACR)
+FALLBACK_STATUSES = frozenset({400, 401, 404})
 
 
 @dataclass(frozen=True)
@@ -69,6 +84,21 @@ class TokenRequest:
     url: str
     headers: dict[str, str] = field(hash=False)
     realm: str
+
+
+@dataclass(frozen=True)
+class RefreshRequest:
+    """POST ``body`` (form-encoded) to ``url`` with ``headers``, redirects not followed.
+
+    When the token server answers one of ``FALLBACK_STATUSES``, send ``fallback``.
+    The body and the fallback carry the identity token: never shown.
+    """
+
+    url: str
+    headers: dict[str, str] = field(hash=False)
+    body: bytes = field(repr=False)
+    realm: str
+    fallback: TokenRequest = field(repr=False)
 
 
 def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
@@ -93,6 +123,15 @@ def realm_allowed(realm: str, registry_url: str, realm_hosts: Iterable[str]) -> 
     return parts.netloc.lower() in listed or host in listed
 
 
+def refresh_form(token: str, service: str, scope: str, client_id: str = CLIENT_ID) -> bytes:
+    """The refresh-token grant, form-encoded; ``scope`` space-separated, left out if empty."""
+    form = {"grant_type": "refresh_token", "refresh_token": token, "service": service,
+            "client_id": client_id}
+    if scope:
+        form["scope"] = scope
+    return urlencode(form).encode()
+
+
 def _missing(ref: Reference, login: Login, host: str | None = None) -> str:
     return (f"registry {host or ref.registry} requires authentication and no credentials are "
             f"configured for it (registry.docker_config){login.hint}")
@@ -108,7 +147,7 @@ def answer_challenge(
     settings: FetchSettings,
     host: str | None = None,
     plain_http: bool | None = None,
-) -> BasicAnswer | TokenRequest:
+) -> BasicAnswer | TokenRequest | RefreshRequest:
     """What to do about the registry's 401 ``challenge`` to a request for ``registry_url``.
 
     ``scope`` is asked for when the challenge names none. Raises ``Unauthorized``
@@ -125,6 +164,10 @@ def answer_challenge(
     scheme, params = parse_challenge(challenge)
     info: dict[str, Any] = {"registry": ref.registry, "status": 401}
     if scheme == "basic":
+        if login.identity_token is not None:
+            raise Unauthorized(key, f"registry {who} asks for Basic authentication; the "
+                               f"identity token for {who}{login.source} is only sent to a "
+                               "token server", **info)
         if creds is None:
             raise Unauthorized(key, _missing(ref, login, who), **info)
         return BasicAnswer(basic_authorization(creds))
@@ -141,34 +184,52 @@ def answer_challenge(
         raise PolicyError(key, f"registry {who} named a token server on another "
                           "host, not listed in registry.token_realm_hosts; refused", **info)
     headers = {"Accept-Encoding": "identity"}
+    if login.present and realm_scheme == "http" and not plain_http:
+        are = "is" if login.identity_token is not None else "are"
+        raise Unauthorized(key, f"token server {shown} is plain HTTP; the {login.what} "
+                           f"for {who} {are} not sent there", url=realm, **info)
     if creds is not None:
-        if realm_scheme == "http" and not plain_http:
-            raise Unauthorized(key, f"token server {shown} is plain HTTP; the credentials "
-                               f"for {who} are not sent there", url=realm, **info)
         headers["Authorization"] = basic_authorization(creds)
-    query = {"service": params.get("service", ""), "scope": params.get("scope", scope)}
+    service, scopes = params.get("service", ""), params.get("scope", scope)
+    query = {"service": service, "scope": scopes}
     token_url = realm + ("&" if "?" in realm else "?") + urlencode(
         {k: v for k, v in query.items() if v})
-    return TokenRequest(token_url, headers, realm)
+    token = login.identity_token
+    if token is None:
+        return TokenRequest(token_url, headers, realm)
+    fallback = TokenRequest(token_url, {**headers, "Authorization": basic_authorization(
+        ("", token))}, realm)
+    return RefreshRequest(realm, {**headers, "Content-Type": "application/x-www-form-urlencoded"},
+                          refresh_form(token, service, scopes), realm, fallback)
 
 
-def token_refusal(ref: Reference, request: TokenRequest, login: Login,
-                  status: int, host: str | None = None) -> ArtifactError:
-    """The error for a token server answering ``status`` (not 200) to ``request``."""
+def token_refusal(ref: Reference, request: TokenRequest | RefreshRequest, login: Login,
+                  status: int, host: str | None = None,
+                  posted: int | None = None) -> ArtifactError:
+    """The error for a token server answering ``status`` (not 200) to ``request``.
+
+    ``posted``: the status of the refresh-token POST, when ``request`` is its fallback.
+    """
     key = str(ref)
     who = host or ref.registry
-    where = f"token server {quote_untrusted(strip_url_query(request.realm))} answered HTTP {status}"
+    shown = quote_untrusted(strip_url_query(request.realm))
+    where = (f"token server {shown} answered HTTP {status}" if posted is None else
+             f"token server {shown} answered HTTP {posted} to the identity token's POST "
+             f"and HTTP {status} to the GET")
     info: dict[str, Any] = {"registry": ref.registry, "url": request.realm, "status": status}
     if status == 429 or status >= 500:
         return RegistryUnavailable(key, where, **info)
     if status in (401, 403):
-        why = _missing(ref, login, who) if login.basic is None else (
-            f"the credentials for {who}{login.source} were refused")
+        why = _missing(ref, login, who) if not login.present else login.refused(who)
         return Unauthorized(key, f"{where}; {why}", **info)
+    if isinstance(request, RefreshRequest) and 300 <= status < 400:
+        return Unauthorized(key, f"{where}; a redirect is not followed with an identity "
+                            "token", **info)
     return Unauthorized(key, where, **info)
 
 
-def token_authorization(ref: Reference, request: TokenRequest, body: bytes) -> str:
+def token_authorization(ref: Reference, request: TokenRequest | RefreshRequest,
+                        body: bytes) -> str:
     """The ``Authorization`` value from a token server's 200 answer ``body``."""
     try:
         payload = checked_json(body)

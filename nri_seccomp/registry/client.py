@@ -36,7 +36,9 @@ connecting through the same checked transport (``netguard``); a redirect to
 another origin (blob storage) never carries the Authorization header, and a 401
 from such a host is not answered with credentials. Credentials: anonymous
 first; on a 401 from the registry itself, ``auth.answer_challenge`` decides and
-this module sends; the value that worked is cached per (registry, scope).
+this module sends (an identity token: POSTed to the realm, no redirect followed,
+then the GET if the token server does not take the POST); the value that worked
+is cached per (registry, scope).
 
 Endpoints (``hosts.py``): a registry configured in containerd's ``hosts.toml``
 (``registry.config_path``) is fetched from its endpoints in the file's order,
@@ -144,7 +146,7 @@ class FetchSettings:
     insecure_registries: frozenset[str] = frozenset()
     tls_verify: bool = True
     ca_file: str | None = None
-    #: a docker config.json whose "auths" give Basic credentials per registry
+    #: a docker config.json: "auths" (Basic credentials or identity tokens) and helpers
     docker_config: str | None = None
     #: fnmatch patterns over "registry/repository"; "*" also matches "/"; empty allows none
     allowed: tuple[str, ...] = ()
@@ -526,12 +528,9 @@ class ArtifactFetcher:
                                f"are sent there ({where})", **info)
         if status == 401:
             login = call.login if call.login is not None else self._credentials.login(who)
-            if login.basic is not None:
+            if login.present:
                 self._credentials.forget(who)
-            refused = (f"the credentials for {who}{login.source} were refused"
-                       if login.basic is not None else
-                       f"no credentials are configured for {who}{login.hint}")
-            raise Unauthorized(key, f"access denied: {where}; {refused}", **info)
+            raise Unauthorized(key, f"access denied: {where}; {login.refused(who)}", **info)
         if status == 403:
             raise Unauthorized(key, f"access denied: {where}", **info)
         if status == 429 or status >= 500:
@@ -550,12 +549,29 @@ class ArtifactFetcher:
                                      host=endpoint.host, plain_http=endpoint.scheme == "http")
         if isinstance(step, auth.BasicAnswer):
             return step.authorization
+        posted: int | None = None
+        if isinstance(step, auth.RefreshRequest):
+            # the identity token is in the body: to the realm itself, no redirect followed
+            resp = await self._send(call, "POST", step.url, step.headers, content=step.body,
+                                    follow=False)
+            if resp.status_code == 200:
+                raw = await self._read(call, resp, auth.MAX_TOKEN_RESPONSE, None,
+                                       "token response")
+                return auth.token_authorization(ref, step, raw)
+            await self._error_code(resp, step.url)
+            if resp.status_code not in auth.FALLBACK_STATUSES:
+                raise auth.token_refusal(ref, step, login, resp.status_code,
+                                         host=endpoint.host)
+            log.debug("token server %s answered HTTP %d to the refresh-token POST; asking "
+                      "with GET", show_url(step.url), resp.status_code)
+            posted, step = resp.status_code, step.fallback
         resp = await self._send(call, "GET", step.url, step.headers)
         if resp.status_code != 200:
             await self._error_code(resp, step.url)
-            if resp.status_code in (401, 403) and login.basic is not None:
+            if resp.status_code in (401, 403) and login.present:
                 self._credentials.forget(endpoint.host)
-            raise auth.token_refusal(ref, step, login, resp.status_code, host=endpoint.host)
+            raise auth.token_refusal(ref, step, login, resp.status_code, host=endpoint.host,
+                                     posted=posted)
         raw = await self._read(call, resp, auth.MAX_TOKEN_RESPONSE, None, "token response")
         return auth.token_authorization(ref, step, raw)
 
@@ -582,14 +598,19 @@ class ArtifactFetcher:
         return ", ".join(dict.fromkeys(c for c in codes if c in _ERROR_CODES))
 
     async def _send(
-        self, call: _Call, method: str, url: str, headers: dict[str, str]
+        self, call: _Call, method: str, url: str, headers: dict[str, str],
+        content: bytes | None = None, follow: bool = True,
     ) -> httpx.Response:
-        """One exchange, following redirects ourselves so credentials stay with their origin."""
+        """One exchange, following redirects ourselves so credentials stay with their origin.
+
+        With ``follow`` False a redirect is returned as it is (a body with a secret in it
+        goes to ``url`` only).
+        """
         ref, key = call.ref, call.key
         hdrs = dict(headers)
         for _ in range(MAX_REDIRECTS + 1):
-            resp = await self._exchange(call, method, url, hdrs)
-            if resp.status_code not in _REDIRECTS:
+            resp = await self._exchange(call, method, url, hdrs, content)
+            if resp.status_code not in _REDIRECTS or not follow:
                 return resp
             location = resp.headers.get("Location", "")
             await resp.aclose()
@@ -613,7 +634,8 @@ class ArtifactFetcher:
                             f"{show_url(url)}", registry=ref.registry, url=url)
 
     async def _exchange(
-        self, call: _Call, method: str, url: str, headers: dict[str, str]
+        self, call: _Call, method: str, url: str, headers: dict[str, str],
+        content: bytes | None = None,
     ) -> httpx.Response:
         ref, key = call.ref, call.key
         host = call.host = host_of(url)
@@ -624,7 +646,7 @@ class ArtifactFetcher:
         dial = call.endpoint.dial_timeout if call.endpoint is not None else None
         try:
             request = client.build_request(
-                method, url, headers=headers,
+                method, url, headers=headers, content=content,
                 timeout=httpx.Timeout(timeout, connect=min(timeout, dial or timeout)))
             return await client.send(request, stream=True)
         except netguard.Refused:

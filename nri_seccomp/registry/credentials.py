@@ -3,14 +3,17 @@
 The ``auths`` entries: ``auth`` (base64 of ``user:password``) or
 ``username``/``password``, keyed by host (or by a URL such as
 ``https://index.docker.io/v1/``, normalised by ``registry_of`` so that Docker
-Hub's aliases all mean ``docker.io``). Identity tokens are not used; they are
-remembered only so that an authentication failure can say where the
-credentials are kept instead.
+Hub's aliases all mean ``docker.io``), or an ``identitytoken`` (a refresh token
+from ``docker login`` against an OAuth token server). An entry with an identity
+token uses it, whatever else it holds: docker writes ``auth`` as ``user:`` (no
+password) beside it, and docker and the containerd-based tools that read
+config.json prefer the token.
 
 Credential helpers (``credHelpers``: host → helper) and the credential store
 (``credsStore``: every other host) are run as docker runs them:
 ``docker-credential-NAME get`` with the host on stdin, a JSON answer
-``{"ServerURL", "Username", "Secret"}`` on stdout (``HelperRunner``). Which
+``{"ServerURL", "Username", "Secret"}`` on stdout (``HelperRunner``); the user
+name ``<token>`` means the secret is an identity token. Which
 source a host gets: its ``credHelpers`` entry, else its ``auths`` entry, else
 the ``credsStore``. A helper is only ever asked about the host it is consulted
 for, never about another one.
@@ -21,7 +24,10 @@ An unreadable file at start is a configuration error (``ValueError``); later, a
 broken rewrite keeps the credentials read before, with a warning.
 
 What one registry's entry amounts to is handed to the authentication flow
-(``auth.py``) as a ``Login``, a plain value: the flow decides, the client asks.
+(``auth.py``) as a ``Login``, a plain value typed by what it holds: Basic
+credentials (``basic``) or an identity token (``identity_token``), which the flow
+only ever exchanges at the token server the registry names; the flow decides, the
+client asks.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import re
 import shutil
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from nri_seccomp.bounded import quote_untrusted
@@ -47,9 +53,18 @@ log = logging.getLogger(__name__)
 _DOCKER_HUB_ALIASES = ("index.docker.io", "registry-1.docker.io", "registry.hub.docker.com")
 
 
+#: the user name a credential helper answers with when its secret is an identity token
+TOKEN_USERNAME = "<token>"
+
+
 @dataclass(frozen=True)
 class Login:
-    """What the docker config holds for one registry, as the auth flow needs it."""
+    """What the docker config holds for one registry, as the auth flow needs it.
+
+    At most one of ``basic`` and ``identity_token``: Basic credentials go with a
+    Basic challenge or a token request; an identity (refresh) token only to the
+    token server the registry's own Bearer challenge names (``auth.py``).
+    """
 
     #: (user, password) for Basic authentication, or None when there are none
     basic: tuple[str, str] | None = None
@@ -57,17 +72,39 @@ class Login:
     source: str = ""
     #: why there are none although the file mentions the registry, for messages
     hint: str = ""
+    #: an identity (refresh) token: exchanged for an access token at the token server
+    identity_token: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.basic is not None and self.identity_token is not None:
+            raise ValueError("a login is Basic credentials or an identity token, not both")
+
+    @property
+    def present(self) -> bool:
+        """Whether there is anything to authenticate with."""
+        return self.basic is not None or self.identity_token is not None
+
+    @property
+    def what(self) -> str:
+        """What it holds, for messages: never the secret itself."""
+        return "identity token" if self.identity_token is not None else "credentials"
+
+    def refused(self, registry: str) -> str:
+        """Why a refusal was one, for messages: what was sent and where it came from."""
+        if not self.present:
+            return f"no credentials are configured for {registry}{self.hint}"
+        verb = "was" if self.identity_token is not None else "were"
+        return f"the {self.what} for {registry}{self.source} {verb} refused"
 
 
 class Credentials:
-    """Basic credentials per registry from a docker config.json, re-read when it changes."""
+    """Credentials per registry from a docker config.json, re-read when it changes."""
 
     def __init__(self, path: str | None, helpers: HelperRunner | None = None) -> None:
         self.path = path
         self._stamp: tuple[int, int, int] | None = None
-        self._entries: dict[str, tuple[str, str]] = {}
-        #: registries whose credentials are somewhere we do not read (identity tokens)
-        self._elsewhere: dict[str, str] = {}
+        #: registry → its "auths" entry (no source yet: ``login`` adds it)
+        self._entries: dict[str, Login] = {}
         #: registry → credential helper name (credHelpers); the store for the rest
         self._helpers: dict[str, str] = {}
         self._store: str | None = None
@@ -98,24 +135,12 @@ class Credentials:
         if name is not None:
             self._runner.forget(name, registry)
 
-    def get(self, registry: str) -> tuple[str, str] | None:
+    def login(self, registry: str) -> Login:
+        """The registry's ``auths`` entry now (re-reading the file if it changed)."""
         if self.path:
             self._load(strict=False)
-        return self._entries.get(registry)
-
-    def source(self, registry: str) -> str:
-        return f" from {self.path}" if registry in self._entries else ""
-
-    def hint(self, registry: str) -> str:
-        where = self._elsewhere.get(registry)
-        if where is None and registry not in self._entries:
-            where = self._elsewhere.get("*")
-        return f"; {self.path} keeps them in {where}, which is not supported" if where else ""
-
-    def login(self, registry: str) -> Login:
-        """The registry's credentials now (re-reading the file if it changed)."""
-        basic = self.get(registry)
-        return Login(basic, self.source(registry), self.hint(registry))
+        entry = self._entries.get(registry)
+        return replace(entry, source=f" from {self.path}") if entry is not None else Login()
 
     def _load(self, strict: bool) -> None:
         # a stat per request on a local file: cheap enough for the event loop
@@ -133,7 +158,7 @@ class Credentials:
             return
         try:
             raw = Path(self.path).read_bytes()
-            entries, elsewhere = parse_docker_config(raw)
+            entries = parse_docker_config(raw)
             helpers, store = parse_helpers(raw)
         except (OSError, ValueError) as exc:
             if strict:
@@ -141,26 +166,32 @@ class Credentials:
             log.warning("cannot read docker config %s, keeping the credentials read "
                         "before: %s", self.path, exc)
             return
-        self._entries, self._elsewhere, self._stamp = entries, elsewhere, stamp
+        self._entries, self._stamp = entries, stamp
         self._helpers, self._store = helpers, store
         log.info("read credentials for %d registries from %s%s", len(entries), self.path,
                  f", credential helpers for {len(helpers)}" if helpers else "")
 
 
-def parse_docker_config(raw: bytes) -> tuple[dict[str, tuple[str, str]], dict[str, str]]:
-    """(registry → (user, password), registry or "*" → where else credentials are kept)."""
+def parse_docker_config(raw: bytes) -> dict[str, Login]:
+    """registry → its "auths" entry: Basic credentials or an identity token (no source)."""
     data = json.loads(raw)
     if not isinstance(data, dict):
         raise ValueError("not a JSON object")
     auths = data.get("auths") or {}
     if not isinstance(auths, dict):
         raise ValueError('"auths" is not an object')
-    entries: dict[str, tuple[str, str]] = {}
-    elsewhere: dict[str, str] = {}
+    entries: dict[str, Login] = {}
     for host, entry in auths.items():
         name = registry_of(str(host))
         if not isinstance(entry, dict):
             raise ValueError(f'"auths" entry for {host!r} is not an object')
+        token = entry.get("identitytoken")
+        if token:
+            if not isinstance(token, str) or not _PRINTABLE.fullmatch(token):
+                raise ValueError(f'"auths" entry for {str(host)[:80]!r}: "identitytoken" is '
+                                 "not a single-line string")
+            entries[name] = Login(identity_token=token)
+            continue
         if entry.get("auth"):
             try:
                 decoded = base64.b64decode(str(entry["auth"]), validate=True).decode()
@@ -173,10 +204,8 @@ def parse_docker_config(raw: bytes) -> tuple[dict[str, tuple[str, str]], dict[st
         else:
             user, password = str(entry.get("username", "")), str(entry.get("password", ""))
         if user:
-            entries[name] = (user, password)
-        elif entry.get("identitytoken"):
-            elsewhere[name] = "an identity token"
-    return entries, elsewhere
+            entries[name] = Login((user, password))
+    return entries
 
 
 def parse_helpers(raw: bytes) -> tuple[dict[str, str], str | None]:
@@ -207,6 +236,8 @@ def registry_of(host: str) -> str:
 
 # ---- credential helpers -------------------------------------------------------------
 
+#: an identity token goes into a form body and a Basic header: printable, one line
+_PRINTABLE = re.compile(r"[\x21-\x7e]{1,8192}")
 #: docker-credential-NAME: a plain file name, nothing a path could be made of
 _HELPER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 #: what a helper says when it holds nothing for the host (docker's errCredentialsNotFound)
@@ -295,9 +326,13 @@ class HelperRunner:
             return Login(None, "", f"; the credential helper {program} has none for it"), \
                 self.settings.failure_ttl
         user, secret = answer
-        if user == "<token>":
-            return Login(None, "", f"; the credential helper {program} holds an identity "
-                         "token for it, which is not supported"), self.settings.failure_ttl
+        if user == TOKEN_USERNAME:
+            if not _PRINTABLE.fullmatch(secret):
+                log.warning("credential helper %s for %s: an identity token that is not a "
+                            "single-line string", program, registry)
+                return Login(None, "", f"; the credential helper {program} answered an "
+                             "unusable identity token"), self.settings.failure_ttl
+            return Login(source=source, identity_token=secret), self.settings.ttl
         return Login((user, secret), source), self.settings.ttl
 
     async def run(self, name: str, server: str) -> tuple[str, str] | None:
