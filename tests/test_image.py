@@ -79,8 +79,10 @@ def as_the_daemonset_runs_it(spec: dict[str, Any], host: dict[str, Path]) -> Non
     spec["linux"]["namespaces"] = [n for n in spec["linux"]["namespaces"]
                                    if n["type"] != "network"]
     volumes = {m["mountPath"]: m for m in container["volumeMounts"]}
+    # certs.d as on a node without hosts.toml files: empty (DirectoryOrCreate)
     for path, source in (("/var/run/nri", host["nri"]), ("/etc/nri-seccomp", host["config"]),
-                         ("/var/lib/nri-seccomp", host["cache"])):
+                         ("/var/lib/nri-seccomp", host["cache"]),
+                         ("/etc/containerd/certs.d", host["certs.d"])):
         ro = "ro" if volumes[path].get("readOnly") else "rw"
         spec["mounts"].append({"destination": path, "type": "bind", "source": str(source),
                                "options": ["rbind", ro]})
@@ -158,7 +160,7 @@ def prepared(archive: Path, work: Path, registry: LocalRegistry) -> tuple[Path, 
     assert all(re.search(r"/(libc|libm|libdl|libpthread|librt|libutil|libz|ld-linux-x86-64)"
                          r"[.-]so", "/" + lib) for lib in libs), libs
 
-    host = {name: work / name for name in ("nri", "config", "cache")}
+    host = {name: work / name for name in ("nri", "config", "cache", "certs.d")}
     for path in host.values():
         path.mkdir()
     host["nri"].chmod(0o700)
