@@ -3,9 +3,10 @@
 SYSTEM_PYTHON ?= python3
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
-# umoci builds the image (make image); runc runs it in tests/test_image.py
+# umoci builds the image (make image), tini (its tini-static) is the image's PID 1;
+# runc runs it in tests/test_image.py
 APT_PACKAGES := docker-registry libseccomp2 skopeo golang-github-containers-common systemd \
-	umoci runc
+	umoci runc tini
 PROTO_FILES := $(wildcard proto/nri_seccomp/nri/pb/*.proto) \
 	$(wildcard proto/nri_seccomp/containerd/pb/*.proto)
 # the containerd services the plugin calls over gRPC (images, content) also get stubs

@@ -102,7 +102,7 @@ def container_spec(bundle: Path, host: Path) -> None:
     proc = spec["process"]
     proc["terminal"], proc["user"], proc["noNewPrivileges"] = False, {"uid": 0, "gid": 0}, True
     proc["capabilities"] = {k: [] for k in proc["capabilities"]}
-    proc["args"] = [image.ENTRYPOINT, "--external", "--socket", "/var/run/nri/nri.sock",
+    proc["args"] = [*image.ENTRYPOINT, "--external", "--socket", "/var/run/nri/nri.sock",
                     "--config", "/etc/nri-seccomp/config.yaml"]
     spec["root"]["readonly"] = True
     spec["linux"]["namespaces"] = [n for n in spec["linux"]["namespaces"]

@@ -6,6 +6,8 @@ edits an OCI image layout directory in place) and can run without root. Nothing 
 pulled: the image has no base. Its one layer holds
 
 - the bundle, at /opt/nri-seccomp (its own interpreter, our package, libseccomp);
+- Debian's statically linked tini (``/usr/bin/tini-static``, package tini) at
+  /sbin/tini, the container's PID 1 (see ``INIT``);
 - the C library files the bundle links to, at the paths ``ldd`` names (the same set
   tests/test_bundle.py's chroot holds: libc, libm, libz... and the dynamic loader);
 - /usr/bin/test from coreutils (it needs nothing beyond those files): the DaemonSet's
@@ -46,9 +48,25 @@ from pathlib import Path
 CHECKOUT = Path(__file__).resolve().parent.parent
 #: the image's name, as deploy/daemonset.yaml references it (with the version as tag)
 REPOSITORY = "localhost/nri-seccomp"
-#: where the bundle goes; the entrypoint is its executable
+#: where the bundle goes; the plugin is its executable
 PREFIX = "/opt/nri-seccomp"
-ENTRYPOINT = f"{PREFIX}/nri-seccomp"
+PROGRAM = f"{PREFIX}/nri-seccomp"
+#: PID 1 of the container. The plugin's compile workers are forked by multiprocessing's
+#: fork server; when that server dies its workers are re-parented to PID 1, and PID 1
+#: must reap them or they stay zombies. The plugin does not reap children it did not
+#: start, so it must not be PID 1: tini is, with the plugin as its only child. tini
+#: forwards SIGTERM (and the other signals a stop sends) to the plugin, reaps every
+#: orphan and exits with the plugin's exit status. The static build, so that it needs
+#: nothing beyond itself in an image without a base.
+INIT_SOURCE = "/usr/bin/tini-static"
+INIT = "/sbin/tini"
+#: Without tini's -g: a signal goes to the plugin alone, not to its process group (the
+#: fork server and the workers are in it). The plugin stops its own workers in order
+#: when it is told to stop; a SIGTERM to every worker at once would kill a compile
+#: mid-way and the pool would report dead workers during shutdown. Whatever is still
+#: running when the plugin exits is killed by the kernel with the PID namespace, as
+#: tini, its init, exits then too.
+ENTRYPOINT = [INIT, "--", PROGRAM]
 #: the default arguments, the same as deploy/daemonset.yaml's ``args``
 CMD = ["--external", "--socket", "/var/run/nri/nri.sock",
        "--config", "/etc/nri-seccomp/config.yaml",
@@ -178,6 +196,7 @@ def write_layer(path: Path, bundle: Path, libraries: Iterable[str], config: Path
             # loader's path /lib64/ld-linux-x86-64.so.2 is built into every program)
             real = Path(lib).resolve()
             layer.file(lib.lstrip("/"), real.read_bytes(), real.stat().st_mode & 0o755)
+        layer.file(INIT.lstrip("/"), Path(INIT_SOURCE).read_bytes(), 0o755)
         layer.file(PROBE_TOOL.lstrip("/"), Path(PROBE_TOOL).read_bytes(), 0o755)
         layer.file("etc/nri-seccomp/config.yaml", config.read_bytes())
         layer.file("etc/passwd", (f"root:x:0:0:root:/root:/sbin/nologin\n"
@@ -244,6 +263,8 @@ def build(bundle: Path, out: Path, work: Path, config: Path) -> str:
     """Build the image from ``bundle`` into the archive ``out``; return its reference."""
     if not (bundle / "nri-seccomp").is_file():
         raise SystemExit(f"{bundle}/nri-seccomp is missing: run `make bundle` first")
+    if not Path(INIT_SOURCE).is_file():
+        raise SystemExit(f"{INIT_SOURCE} is missing: install Debian's tini (make deps)")
     epoch = source_date_epoch()
     created = rfc3339(epoch)
     tag = version()
@@ -258,12 +279,15 @@ def build(bundle: Path, out: Path, work: Path, config: Path) -> str:
     umoci("init", "--layout", str(layout))
     umoci("new", "--image", image)
     umoci("raw", "add-layer", "--image", image, *history,
-          "--history.created_by", "make image (devtools/image.py): bundle, C library, test",
+          "--history.created_by",
+          "make image (devtools/image.py): bundle, C library, tini, test",
           str(layer))
-    config_args = ["--config.user", f"{USER}:{USER}", "--config.entrypoint", ENTRYPOINT,
+    config_args = ["--config.user", f"{USER}:{USER}",
                    "--config.env", "PATH=/usr/bin", "--config.workingdir", "/",
                    "--config.stopsignal", "SIGTERM", "--created", created,
                    "--author", "nri-seccomp", "--os", "linux"]
+    for arg in ENTRYPOINT:
+        config_args += ["--config.entrypoint", arg]
     for arg in CMD:
         config_args += ["--config.cmd", arg]
     for key, value in labels(created).items():

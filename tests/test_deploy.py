@@ -5,6 +5,8 @@ committed deploy/rendered.yaml, and the settings that must agree across files do
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import shutil
 import subprocess
 import tomllib
@@ -112,19 +114,23 @@ def test_round_trip_refuses_a_missing_required_field() -> None:
         round_trip(ds)
 
 
+def kustomize(directory: Path) -> str:
+    """`kustomize build` or `kubectl kustomize` (kustomize built into kubectl) output."""
+    kubectl = shutil.which("kubectl")
+    kustomize_bin = shutil.which("kustomize")
+    if kustomize_bin:
+        cmd = [kustomize_bin, "build", str(directory)]
+    elif kubectl:
+        cmd = [kubectl, "kustomize", str(directory)]
+    else:
+        pytest.skip("neither kustomize nor kubectl is installed")
+    return subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=60).stdout
+
+
 def test_kustomize_output_is_committed() -> None:
     """`kubectl kustomize deploy` (kustomize built into kubectl) gives deploy/rendered.yaml;
     regenerate it with `kubectl kustomize deploy > deploy/rendered.yaml`."""
-    kubectl = shutil.which("kubectl")
-    kustomize = shutil.which("kustomize")
-    if kustomize:
-        cmd = [kustomize, "build", str(DEPLOY)]
-    elif kubectl:
-        cmd = [kubectl, "kustomize", str(DEPLOY)]
-    else:
-        pytest.skip("neither kustomize nor kubectl is installed")
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=60).stdout
-    assert out == (DEPLOY / "rendered.yaml").read_text()
+    assert kustomize(DEPLOY) == (DEPLOY / "rendered.yaml").read_text()
 
 
 def test_rendered_resources() -> None:
@@ -224,3 +230,71 @@ def test_kind_config_patches() -> None:
     ds = next(d for d in resources() if d["kind"] == "DaemonSet")
     assert validator["tolerate_missing_plugins_annotation"] in (
         ds["spec"]["template"]["metadata"]["annotations"])
+
+
+def mounts_and_volumes(ds: dict[str, Any]) -> tuple[dict[str, dict[str, Any]],
+                                                    dict[str, dict[str, Any]]]:
+    pod = ds["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    return ({m["mountPath"]: m for m in container["volumeMounts"]},
+            {v["name"]: v for v in pod["volumes"]})
+
+
+def test_host_paths_are_read_only_but_the_cache() -> None:
+    ds = next(d for d in resources() if d["kind"] == "DaemonSet")
+    mounts, volumes = mounts_and_volumes(ds)
+    for path, mount in mounts.items():
+        if "hostPath" in volumes[mount["name"]] and path != "/var/lib/nri-seccomp":
+            assert mount.get("readOnly") is True, path
+
+
+def test_node_registry_hosts_are_mounted_where_the_configuration_reads_them() -> None:
+    """containerd's hosts.toml tree: a read-only hostPath at the same path, the path the
+    ConfigMap's registry.config_path names. DirectoryOrCreate: the pod starts on a node
+    without the tree (see daemonset.yaml)."""
+    ds = next(d for d in resources() if d["kind"] == "DaemonSet")
+    mounts, volumes = mounts_and_volumes(ds)
+    mount = mounts["/etc/containerd/certs.d"]
+    assert mount["readOnly"] is True
+    assert volumes[mount["name"]]["hostPath"] == {"path": "/etc/containerd/certs.d",
+                                                  "type": "DirectoryOrCreate"}
+    cm = next(d for d in resources() if d["kind"] == "ConfigMap")
+    cfg = config.load(cm["data"]["config.yaml"], "deploy/configmap.yaml")
+    assert cfg.registry.config_path == ("/etc/containerd/certs.d",)
+    assert all(p in mounts for p in cfg.registry.config_path)
+    # no credentials in the base: a node without them must still start the plugin
+    assert cfg.registry.docker_config is None
+
+
+COMPONENT = DEPLOY / "components" / "node-credentials"
+KUBELET_CREDENTIALS = "/var/lib/kubelet/config.json"
+
+
+def test_node_credentials_component(tmp_path: Path) -> None:
+    """deploy/ with the node-credentials Component, built as a user's overlay outside
+    deploy/ would build it: the kubelet's credentials file mounted read-only at its own
+    path (type File: never created on a node), registry.docker_config naming it, the
+    configuration otherwise the base's."""
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    base = os.path.relpath(DEPLOY, overlay)
+    (overlay / "kustomization.yaml").write_text(
+        f"resources: [{base}]\ncomponents: [{base}/components/node-credentials]\n")
+    rendered = [d for d in yaml.safe_load_all(kustomize(overlay)) if d is not None]
+    for doc in rendered:
+        assert round_trip(doc) == []
+    ds = next(d for d in rendered if d["kind"] == "DaemonSet")
+    mounts, volumes = mounts_and_volumes(ds)
+    mount = mounts[KUBELET_CREDENTIALS]
+    assert mount["readOnly"] is True
+    assert volumes[mount["name"]]["hostPath"] == {"path": KUBELET_CREDENTIALS, "type": "File"}
+    base_mounts, _ = mounts_and_volumes(next(d for d in resources() if d["kind"] == "DaemonSet"))
+    assert set(mounts) == set(base_mounts) | {KUBELET_CREDENTIALS}
+    cm = next(d for d in rendered if d["kind"] == "ConfigMap")
+    cfg = config.load(cm["data"]["config.yaml"], "node-credentials")
+    assert cfg.registry.docker_config == KUBELET_CREDENTIALS
+    assert set(cfg.registry.config_path) <= set(mounts)
+    base_cm = next(d for d in resources() if d["kind"] == "ConfigMap")
+    base_cfg = config.load(base_cm["data"]["config.yaml"], "deploy/configmap.yaml")
+    assert dataclasses.replace(cfg, registry=dataclasses.replace(
+        cfg.registry, docker_config=None)) == base_cfg

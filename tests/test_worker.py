@@ -7,8 +7,13 @@ workers report is what is bounded).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import signal
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -361,3 +366,49 @@ def test_quoted_values_are_cut_and_cleaned() -> None:
     with pytest.raises(model.ProfileFieldError) as action:
         parse.parse(dumps({"defaultAction": "X" * 10_000}))
     assert len(str(action.value)) < 400
+
+
+# ---------------------------------------------------------------------------
+# the pool after its fork server or an idle worker died
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+@pytest.mark.parametrize("victim", ["fork server", "idle worker"])
+def test_pool_is_replaced_when_pebble_gives_up(victim: str) -> None:
+    """pebble stops serving for good when a worker ends while no job runs, and every
+    worker seems to end when the fork server dies (their exit status came through it).
+    The next job gets a new pool (and a new fork server), not "Unexpected error
+    within the Pool" for ever."""
+    p = Pool(W.Budget(cpu_seconds=5.0, wall_seconds=30.0))
+    try:
+        doc = dumps(CRIO_BLOG)
+        want = W.prepare_inline(doc, AMD64, "refuse")
+        assert p.run(p.workers.prepare(doc, AMD64, "refuse")) == want
+        servers = [c for c in _children(os.getpid())
+                   if b"forkserver" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        assert len(servers) == 1
+        (server,) = servers
+        workers = _children(server)
+        assert workers
+        os.kill(server if victim == "fork server" else workers[0], signal.SIGKILL)
+        # pebble notices within its polling interval; the pool then is inactive
+        deadline = time.monotonic() + 10
+        while p.workers._pool.active and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not p.workers._pool.active
+        for _ in range(2):
+            assert p.run(p.workers.prepare(doc, AMD64, "refuse")) == want
+        assert p.workers.restarts == 1
+    finally:
+        p.close()
+        if victim == "fork server":
+            # the killed server was our child: reaped by the new pool's first start
+            assert not Path(f"/proc/{server}").exists() or b"Z" not in Path(
+                f"/proc/{server}/stat").read_bytes().split(b") ")[1][:1]

@@ -13,6 +13,8 @@ calls) as long as it likes. So it runs in worker *processes*:
 * pebble's per-task timeout kills the worker at the wall-clock budget;
 * the pool replaces a dead worker; the job's caller gets
   :class:`CompileBudgetExceeded`;
+* a pool that pebble gave up on is replaced by a new one at the next job (see
+  :meth:`SeccompWorkers._live_pool`);
 * workers run at ``nice 10``, so the plugin's event loop wins the CPU.
 
 Workers are forked from a ``forkserver`` with the heavy modules preloaded (the
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import math
 import multiprocessing
 import os
@@ -37,6 +40,7 @@ import resource
 import signal
 import threading
 from collections.abc import Callable
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +71,8 @@ PRELOAD = [
     )
 ]
 NICE = 10
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -262,15 +268,45 @@ class SeccompWorkers:
 
     def __init__(self, budget: Budget) -> None:
         self.budget = budget
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(PRELOAD)
-        self._pool = pebble.ProcessPool(
-            max_workers=budget.workers, initializer=_init_worker, context=ctx
-        )
+        self._ctx = multiprocessing.get_context("forkserver")
+        self._ctx.set_forkserver_preload(PRELOAD)
         self._lock = threading.Lock()
         self._cpu = 0.0
+        self._closed = False
+        #: pools replaced since start (tests, diagnostics)
+        self.restarts = 0
+        self._pool = self._new_pool()
+
+    def _new_pool(self) -> pebble.ProcessPool:
+        pool = pebble.ProcessPool(
+            max_workers=self.budget.workers, initializer=_init_worker, context=self._ctx
+        )
         # starts the pool and its workers now, not at the first profile
-        self._pool.schedule(_warm)
+        pool.schedule(_warm)
+        return pool
+
+    def _live_pool(self) -> pebble.ProcessPool:
+        """The pool, replaced first if pebble gave up on it.
+
+        pebble stops serving for good ("Unexpected error within the Pool") when it
+        sees a worker end while no job runs, and that is what it sees for every
+        worker when the fork server dies (a worker's exit status comes through the
+        fork server: its pipe closes, the worker counts as ended). A broken pool
+        would refuse every later profile while the plugin stays registered, so the
+        probes would never restart it. The new pool's first worker start runs
+        multiprocessing's fork server check, which reaps the dead server and starts
+        another. The old pool is stopped: its workers see their channel close and
+        exit (if the fork server died they are PID 1's to reap: tini in the image).
+        """
+        if not self._pool.active and not self._closed:
+            log.error("the seccomp worker pool stopped working; starting a new one")
+            old, self._pool = self._pool, self._new_pool()
+            self.restarts += 1
+            old.stop()  # type: ignore[no-untyped-call]
+            # join closes its channels and ends its workers; it waits for them, so not
+            # on the event loop
+            threading.Thread(target=old.join, name="seccomp-pool-stop", daemon=True).start()
+        return self._pool
 
     async def prepare(
         self, data: bytes, node: model.NodeContext, unknown_syscalls: str
@@ -307,9 +343,12 @@ class SeccompWorkers:
             self._cpu += seconds
 
     async def _run(self, job: Callable[..., tuple[_Tagged, float]], *args: Any) -> Any:
-        future = self._pool.schedule(job, args=args, timeout=self.budget.wall_seconds)
+        future = self._live_pool().schedule(job, args=args, timeout=self.budget.wall_seconds)
         try:
             tagged, used = await asyncio.wrap_future(future)
+        except BrokenProcessPool as exc:
+            # the pool broke while the job waited or ran: the next job gets a new pool
+            raise RuntimeError(f"seccomp worker pool failed: {exc}") from exc
         except concurrent.futures.TimeoutError:
             self._charge(min(self.budget.cpu_seconds, self.budget.wall_seconds))
             raise CompileTimedOut(
@@ -328,5 +367,6 @@ class SeccompWorkers:
 
     async def aclose(self) -> None:
         """Stop the workers (a running job is killed)."""
+        self._closed = True
         self._pool.stop()  # type: ignore[no-untyped-call]
         await asyncio.to_thread(self._pool.join)
