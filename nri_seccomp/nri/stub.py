@@ -254,15 +254,19 @@ class Stub:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
-            started = time.monotonic()
             try:
                 await self._session(reader, writer)
             except RegistrationError as exc:
+                # a runtime that takes the connection but not the plugin: keep doubling,
+                # so a broken runtime is not asked ten times a second
                 log.warning("%s", exc)
+            else:
+                # registered, however briefly: the runtime was there and will be again
+                # soon (a restart). Starting again at 0.1 s keeps two restarts a few
+                # seconds apart from costing the back-off grown during the first one
+                backoff = 0.1
             if not self._reconnect:
                 return
-            if time.monotonic() - started > 10:
-                backoff = 0.1
             if not self._shutdown:
                 log.info("runtime connection lost, reconnecting to %s", self._socket_path)
                 await asyncio.sleep(backoff)
