@@ -5,6 +5,7 @@ pure parts (the node's platform in an index, containerd's image names) as tables
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 
 from devtools.fakecontainerd import FakeContainerd
 from nri_seccomp.containerd import platform
-from nri_seccomp.containerd.client import ContainerdImages, store_name
+from nri_seccomp.containerd.client import ContainerdError, ContainerdImages, store_name
 from nri_seccomp.decide.resolver import KEY_V1
 from nri_seccomp.service.images import ContainerdSource, Image, ImageAnnotations, ImageLookupError
 
@@ -239,6 +240,62 @@ def test_socket_down(tmp_path: Path) -> None:
     server = FakeContainerd(tmp_path / "none")  # never started: nothing listens
     started = time.monotonic()
     with pytest.raises(ImageLookupError, match=r"cannot read annotations of image nginx:1.27: "
-                       r"containerd at .*/c.sock is unavailable"):
+                       r"containerd at .*/c.sock is unavailable: no such file: .*/c.sock "
+                       r"does not exist"):
         lookup(server, Image("nginx:1.27"))
     assert time.monotonic() - started < 2
+
+
+def unavailable(socket_path: str) -> str:
+    client = ContainerdImages(socket_path, "k8s.io", NODE)
+
+    async def go() -> str:
+        try:
+            await client.target("nginx:1.27", time.monotonic() + 5)
+        except ContainerdError as exc:
+            return str(exc)
+        finally:
+            await client.aclose()
+        raise AssertionError("no error")
+
+    return asyncio.run(go())
+
+
+def test_socket_missing_says_so_in_fixed_words(tmp_path: Path) -> None:
+    """gRPC's text starts with "failed to connect to all addresses" and ends with the
+    errno's words; a head cut at 120 characters lost them. A stat of the path says it."""
+    path = str(tmp_path / "nonexistent.sock")
+    message = unavailable(path)
+    assert message == (f"containerd at {path} is unavailable: no such file: {path} does not "
+                       "exist (is containerd running, and is containerd_socket its address?)")
+
+
+def test_path_that_is_not_a_socket(tmp_path: Path) -> None:
+    path = tmp_path / "c.sock"
+    path.write_text("")
+    assert unavailable(str(path)).endswith(f"is unavailable: {path} is not a socket "
+                                           "(a regular file)")
+
+
+def test_socket_nobody_listens_on_quotes_the_end_of_grpcs_text(tmp_path: Path) -> None:
+    """A socket file left by a containerd that is gone (bound, not listening): the file
+    system cannot tell, so gRPC's text is quoted, its end, where the cause is."""
+    path = str(tmp_path / "c.sock")
+    left = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    left.bind(path)  # never listen(): connect() is refused
+    try:
+        message = unavailable(path)
+    finally:
+        left.close()
+    assert message.startswith(f"containerd at {path} is unavailable: ")
+    assert message.endswith("Connection refused'"), message
+    assert len(message) < len(path) + 300
+
+
+@integration
+def test_containerd_gone_says_why(containerd: FakeContainerd) -> None:
+    """The gRPC server process stopped (SIGTERM): whether it left its socket file or
+    not, the message names the cause, not only "failed to connect to all addresses"."""
+    containerd.stop()
+    message = unavailable(containerd.socket)
+    assert message.endswith(("Connection refused'", "containerd_socket its address?)")), message

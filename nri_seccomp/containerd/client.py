@@ -18,12 +18,16 @@ there, the way ``ctr`` does, over containerd's socket:
 
 Every call carries the ``containerd-namespace`` metadata (``k8s.io`` for CRI images)
 and the time left before the caller's deadline. Errors say what failed in fixed
-words; containerd's own text is quoted short.
+words; containerd's own text is quoted short. An unreachable socket says why in fixed
+words when a ``stat`` of the path tells (missing, not a socket, permission denied),
+else quotes the end of gRPC's text, where its cause is.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 import time
 from typing import Any
 
@@ -31,7 +35,7 @@ import grpc
 import grpc.aio
 
 from nri_seccomp import digest as digest_mod
-from nri_seccomp.bounded import quote_untrusted
+from nri_seccomp.bounded import quote_untrusted, quote_untrusted_tail
 from nri_seccomp.containerd import platform
 from nri_seccomp.containerd.pb import content_pb2, content_pb2_grpc, images_pb2, images_pb2_grpc
 from nri_seccomp.decide import reference
@@ -55,6 +59,15 @@ _IMAGE_ID = re.compile(r"sha256:[a-f0-9]{64}")
 
 class ContainerdError(NriSeccompError):
     """The image's annotations could not be read from containerd; the message says why."""
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISREG, "a regular file"),
+                       (stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return f"mode {mode:o}"
 
 
 def store_name(name: str) -> str:
@@ -128,9 +141,35 @@ class ContainerdImages:
                                    f"{self.namespace})")
         if code == grpc.StatusCode.UNAVAILABLE:
             return ContainerdError(f"containerd at {self.socket} is unavailable: "
-                                   f"{quote_untrusted(exc.details() or '', 120)}")
+                                   f"{self._unavailable_cause(exc.details() or '')}")
         return ContainerdError(f"containerd answered {code.name} for {what}: "
                                f"{quote_untrusted(exc.details() or '', 120)}")
+
+    def _unavailable_cause(self, details: str) -> str:
+        """Why the socket cannot be reached, in fixed words when the file system says
+        (one stat, no connection); else the end of gRPC's text, where it puts the
+        errno's words, since its start ("failed to connect to all addresses; last
+        error: …") is the same every time."""
+        path = self.socket
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return (f"no such file: {path} does not exist (is containerd running, and is "
+                    "containerd_socket its address?)")
+        except NotADirectoryError:
+            return f"no such file: a directory on the way to {path} is not a directory"
+        except PermissionError:
+            return (f"permission denied: a directory on the way to {path} is not "
+                    f"searchable by uid {os.geteuid()}")
+        except OSError as exc:
+            return f"cannot stat {path}: {exc.strerror or exc}"
+        if not stat.S_ISSOCK(st.st_mode):
+            return f"{path} is not a socket ({_file_kind(st.st_mode)})"
+        if not os.access(path, os.R_OK | os.W_OK):
+            return (f"permission denied: uid {os.geteuid()} may not connect to {path} "
+                    f"(mode {stat.filemode(st.st_mode)}, owner uid {st.st_uid} "
+                    f"gid {st.st_gid})")
+        return quote_untrusted_tail(details, 160)
 
     async def target(self, name: str, deadline: float) -> str:
         """The digest of the image ``name`` (as the kubelet gave it) in containerd's store."""
