@@ -61,6 +61,22 @@ class ContainerdError(NriSeccompError):
     """The image's annotations could not be read from containerd; the message says why."""
 
 
+class ContainerdUnavailable(ContainerdError):
+    """containerd's socket cannot be reached (as opposed to one image or blob failing)."""
+
+
+def is_image_id(name: str) -> bool:
+    """``sha256:<64 hex>``: an image ID (the config's digest), a name of its own in CRI."""
+    return _IMAGE_ID.fullmatch(name) is not None
+
+
+def _annotations(body: dict[str, Any], digest: str) -> dict[str, str]:
+    found = body.get("annotations") or {}
+    if not isinstance(found, dict):
+        raise ContainerdError(f"manifest of image {digest}: annotations are not an object")
+    return {str(k): str(v) for k, v in found.items()}
+
+
 def _file_kind(mode: int) -> str:
     for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISREG, "a regular file"),
                        (stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"),
@@ -140,7 +156,7 @@ class ContainerdImages:
             return ContainerdError(f"{what} not found in containerd (namespace "
                                    f"{self.namespace})")
         if code == grpc.StatusCode.UNAVAILABLE:
-            return ContainerdError(f"containerd at {self.socket} is unavailable: "
+            return ContainerdUnavailable(f"containerd at {self.socket} is unavailable: "
                                    f"{self._unavailable_cause(exc.details() or '')}")
         return ContainerdError(f"containerd answered {code.name} for {what}: "
                                f"{quote_untrusted(exc.details() or '', 120)}")
@@ -190,8 +206,41 @@ class ContainerdImages:
                                   f"{quote_untrusted(digest)}")
         return str(digest)
 
+    async def image_targets(self, deadline: float) -> dict[str, list[str]]:
+        """Every image record's target digest → the record names pointing at it
+        (``Images/List``, one call)."""
+        images, _ = self._stubs()
+        try:
+            response = await images.List(images_pb2.ListImagesRequest(),
+                                         timeout=self._timeout(deadline),
+                                         metadata=self._metadata())
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc, "the image list") from None
+        out: dict[str, list[str]] = {}
+        for image in response.images:
+            digest = image.target.digest
+            if digest_mod.is_valid(digest):
+                out.setdefault(str(digest), []).append(str(image.name))
+        return out
+
+    async def config_and_annotations(self, digest: str,
+                                     deadline: float) -> tuple[str | None, dict[str, str]]:
+        """For the image whose target is ``digest``: the config digest of the node's
+        platform manifest (its image ID; None if it names none) and its annotations."""
+        body = await self.platform_manifest(digest, deadline)
+        config = body.get("config")
+        config_digest = config.get("digest") if isinstance(config, dict) else None
+        if not isinstance(config_digest, str) or not digest_mod.is_valid(config_digest):
+            config_digest = None
+        return config_digest, _annotations(body, digest)
+
     async def annotations(self, digest: str, deadline: float) -> dict[str, str]:
         """The annotations of the image whose target is ``digest`` (see the module doc)."""
+        return _annotations(await self.platform_manifest(digest, deadline), digest)
+
+    async def platform_manifest(self, digest: str, deadline: float) -> dict[str, Any]:
+        """The manifest of the image whose target is ``digest``: itself, or the node's
+        platform entry of an index (see the module doc)."""
         body = await self._manifest(digest, deadline)
         media_type = body.get("mediaType")
         if media_type in (OCI_INDEX, DOCKER_LIST) or (
@@ -212,10 +261,7 @@ class ContainerdImages:
         elif media_type not in (OCI_MANIFEST, DOCKER_MANIFEST, None):
             raise ContainerdError(f"image {digest} has media type "
                                   f"{quote_untrusted(media_type)}, not a manifest or index")
-        found = body.get("annotations") or {}
-        if not isinstance(found, dict):
-            raise ContainerdError(f"manifest of image {digest}: annotations are not an object")
-        return {str(k): str(v) for k, v in found.items()}
+        return body
 
     async def _manifest(self, digest: str, deadline: float) -> dict[str, Any]:
         raw = await self.read(digest, deadline)
