@@ -75,7 +75,6 @@ async def start(argv: list[str], config: str = "") -> driver.PluginConnection:
             registration_timeout=10.0, stderr=log.fileno(),
         )
     await conn.handshake()
-    await conn.synchronize()
     return conn
 
 

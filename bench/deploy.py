@@ -206,7 +206,6 @@ async def serving(listener: driver.ExternalListener, reference: str,
     """The next plugin to connect, registered, configured and applying profiles."""
     conn = await asyncio.wait_for(listener.connections.get(), timeout)
     await conn.handshake()
-    await conn.synchronize()
     await answer_annotated(conn, reference)
     return conn
 

@@ -50,7 +50,6 @@ async def run_demo(
     )
     try:
         await conn.handshake()
-        await conn.synchronize()
         pod, container = sample_pod(ref, image)
         await conn.run_pod_sandbox(pod)
         result = await conn.create_container(pod, container)

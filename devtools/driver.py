@@ -212,14 +212,26 @@ class PluginConnection:
             PLUGIN_SERVICE, method, payload, timeout=self.request_timeout, metadata=METADATA
         )
 
-    async def handshake(self, config: str | None = None) -> nri_pb2.ConfigureResponse:
-        """Wait for RegisterPlugin, then Configure; closes the plugin on failure."""
+    async def handshake(
+        self, config: str | None = None, *, synchronize: bool = True
+    ) -> nri_pb2.ConfigureResponse:
+        """Wait for RegisterPlugin, then Configure, then an empty Synchronize, as
+        containerd does before it calls a plugin for containers; closes the plugin on
+        failure. ``synchronize=False`` stops after Configure, for a test that sends its
+        own Synchronize."""
         try:
             await asyncio.wait_for(self.registered.wait(), self.registration_timeout)
         except TimeoutError:
             self.close("plugin did not register within the registration timeout")
             raise DriverError(self.closed) from None
-        return await self.configure(self.config if config is None else config)
+        resp = await self.configure(self.config if config is None else config)
+        if synchronize:
+            try:
+                await self.synchronize()
+            except (TimeoutError, ttrpc.RpcError, ConnectionError, ttrpc.ProtocolError) as exc:
+                self.close(f"failed to synchronize plugin: {exc}")
+                raise DriverError(self.closed) from exc
+        return resp
 
     async def configure(self, config: str = "") -> nri_pb2.ConfigureResponse:
         req = nri_pb2.ConfigureRequest(

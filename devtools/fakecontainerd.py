@@ -222,11 +222,20 @@ class FakeContainerd:
         (self.root / "blobs" / digest.split(":", 1)[1]).write_bytes(data)
         return digest
 
+    @staticmethod
+    def _config(seed: str) -> bytes:
+        return json.dumps({"architecture": "amd64", "os": "linux", "seed": seed}).encode()
+
+    @classmethod
+    def image_id(cls, seed: str = "") -> str:
+        """The image ID (config digest) of the manifests add_manifest makes with ``seed``:
+        manifests of one seed share it, whatever their annotations."""
+        return digest_of(cls._config(seed))
+
     def add_manifest(self, annotations: dict[str, str] | None = None,
                      seed: str = "") -> tuple[str, int]:
         """An image manifest (config and layer descriptors only, as pulled); digest, size."""
-        config = self.add_blob(json.dumps({"architecture": "amd64", "os": "linux",
-                                           "seed": seed}).encode())
+        config = self.add_blob(self._config(seed))
         body: dict[str, Any] = {
             "schemaVersion": 2, "mediaType": OCI_MANIFEST,
             "config": {"mediaType": OCI_CONFIG, "digest": config, "size": 1},

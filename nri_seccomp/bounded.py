@@ -50,6 +50,15 @@ def quote_untrusted(value: object, limit: int = MAX_QUOTED) -> str:
     return shown
 
 
+def quote_untrusted_tail(value: object, limit: int = MAX_QUOTED) -> str:
+    """Like :func:`quote_untrusted`, but keeps the end: for texts that put their cause
+    last (gRPC's "…; last error: …: connect failed: …: No such file or directory")."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit:
+        return "'" + clean(text) + "'"
+    return f"({len(text) - limit} characters cut) …'" + clean(text[-limit:]) + "'"
+
+
 def strip_query(url: str) -> str:
     """A URL without its query and fragment: pre-signed URLs carry their signatures there."""
     try:

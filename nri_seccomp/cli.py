@@ -32,9 +32,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="plugin name (default: NRI_PLUGIN_NAME or file name)")
     p.add_argument("--idx", help="plugin index, two digits (default: NRI_PLUGIN_IDX or file name)")
     p.add_argument("--ready-file", metavar="PATH",
-                   help="keep this file while registered with the runtime: written (time, "
-                   "runtime) once RegisterPlugin succeeds, removed when the connection ends "
-                   "(a liveness probe's `test -f`)")
+                   help="keep this file while the runtime consults the plugin: written "
+                   "(time, runtime) once the runtime's Synchronize has been answered (from "
+                   "then on containers get the plugin's adjustment), removed when the "
+                   "connection ends (the probes' `test -f`)")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-file", metavar="PATH",

@@ -52,7 +52,6 @@ async def registers_and_answers(
     await conn.handshake(configure)
     assert conn.registration is not None
     assert (conn.registration.plugin_name, conn.registration.plugin_idx) == ("seccomp-oci", "10")
-    await conn.synchronize()
     plain = await conn.create_container(pod(), container("app"))
     assert plain.error is None and plain.fatal is None, (plain.error, plain.fatal)
     assert plain.response == nri_pb2.CreateContainerResponse()

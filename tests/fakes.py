@@ -107,7 +107,8 @@ class FakeRegistry:
             if held is None:
                 self.downloads += 1
             return artifact.Artifact(str(ref), "sha256:" + "0" * 64, digest(data), data,
-                                     artifact.SECCOMP_CONFIG_MEDIA_TYPE, len(data))
+                                     artifact.SECCOMP_CONFIG_MEDIA_TYPE, len(data),
+                                     held=held is not None)
         finally:
             self.active -= 1
 

@@ -61,7 +61,6 @@ async def plugin(
     session = Session(conn)
     try:
         await conn.handshake()
-        await conn.synchronize()
         yield session
     finally:
         assert conn.process is not None and conn.process.stderr is not None

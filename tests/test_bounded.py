@@ -20,6 +20,14 @@ def test_quote_untrusted_cuts_before_cleaning_and_strips_control_characters() ->
     assert "\n" not in forged and "\x1b" not in forged and "\\n" in forged
 
 
+def test_quote_untrusted_tail_keeps_the_end() -> None:
+    text = "x" * 1000 + "No such file or directory\n\x1b"
+    quoted = bounded.quote_untrusted_tail(text, 40)
+    assert quoted.startswith("(987 characters cut) …'") and "No such file or directory" in quoted
+    assert "\n" not in quoted and "\x1b" not in quoted
+    assert bounded.quote_untrusted_tail("short", 40) == "'short'"
+
+
 def test_strip_query_drops_signatures() -> None:
     url = "https://blobs.example/x/y?X-Amz-Signature=SECRET&X-Amz-Credential=KEY#frag"
     assert bounded.strip_query(url) == "https://blobs.example/x/y"

@@ -5,6 +5,7 @@ pure parts (the node's platform in an index, containerd's image names) as tables
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 
 from devtools.fakecontainerd import FakeContainerd
 from nri_seccomp.containerd import platform
-from nri_seccomp.containerd.client import ContainerdImages, store_name
+from nri_seccomp.containerd.client import ContainerdError, ContainerdImages, store_name
 from nri_seccomp.decide.resolver import KEY_V1
 from nri_seccomp.service.images import ContainerdSource, Image, ImageAnnotations, ImageLookupError
 
@@ -239,6 +240,144 @@ def test_socket_down(tmp_path: Path) -> None:
     server = FakeContainerd(tmp_path / "none")  # never started: nothing listens
     started = time.monotonic()
     with pytest.raises(ImageLookupError, match=r"cannot read annotations of image nginx:1.27: "
-                       r"containerd at .*/c.sock is unavailable"):
+                       r"containerd at .*/c.sock is unavailable: no such file: .*/c.sock "
+                       r"does not exist"):
         lookup(server, Image("nginx:1.27"))
     assert time.monotonic() - started < 2
+
+
+def unavailable(socket_path: str) -> str:
+    client = ContainerdImages(socket_path, "k8s.io", NODE)
+
+    async def go() -> str:
+        try:
+            await client.target("nginx:1.27", time.monotonic() + 5)
+        except ContainerdError as exc:
+            return str(exc)
+        finally:
+            await client.aclose()
+        raise AssertionError("no error")
+
+    return asyncio.run(go())
+
+
+def test_socket_missing_says_so_in_fixed_words(tmp_path: Path) -> None:
+    """gRPC's text starts with "failed to connect to all addresses" and ends with the
+    errno's words; a head cut at 120 characters lost them. A stat of the path says it."""
+    path = str(tmp_path / "nonexistent.sock")
+    message = unavailable(path)
+    assert message == (f"containerd at {path} is unavailable: no such file: {path} does not "
+                       "exist (is containerd running, and is containerd_socket its address?)")
+
+
+def test_path_that_is_not_a_socket(tmp_path: Path) -> None:
+    path = tmp_path / "c.sock"
+    path.write_text("")
+    assert unavailable(str(path)).endswith(f"is unavailable: {path} is not a socket "
+                                           "(a regular file)")
+
+
+def test_socket_nobody_listens_on_quotes_the_end_of_grpcs_text(tmp_path: Path) -> None:
+    """A socket file left by a containerd that is gone (bound, not listening): the file
+    system cannot tell, so gRPC's text is quoted, its end, where the cause is."""
+    path = str(tmp_path / "c.sock")
+    left = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    left.bind(path)  # never listen(): connect() is refused
+    try:
+        message = unavailable(path)
+    finally:
+        left.close()
+    assert message.startswith(f"containerd at {path} is unavailable: ")
+    assert message.endswith("Connection refused'"), message
+    assert len(message) < len(path) + 300
+
+
+@integration
+def test_containerd_gone_says_why(containerd: FakeContainerd) -> None:
+    """The gRPC server process stopped (SIGTERM): whether it left its socket file or
+    not, the message names the cause, not only "failed to connect to all addresses"."""
+    containerd.stop()
+    message = unavailable(containerd.socket)
+    assert message.endswith(("Connection refused'", "containerd_socket its address?)")), message
+
+
+# ---- an image given by ID (sha256:<config digest>) ----------------------------------------
+
+BLOG = "r.example/p/blog:1"
+
+
+def same_config_images(server: FakeContainerd, first: dict[str, str],
+                       second: dict[str, str]) -> tuple[str, str, str]:
+    """Two images pulled with one config (so one ID) and these annotations; containerd's
+    record of the ID points at the last pulled, as CRI keeps it. (ID, first, second)."""
+    one, size1 = server.add_manifest({**first, "org.example/n": "1"}, seed="busybox")
+    two, size2 = server.add_manifest({**second, "org.example/n": "2"}, seed="busybox")
+    server.tag("r.example/test/annotated:v1", one, size1)
+    server.tag("r.example/test/blog:v1", two, size2)
+    image_id = server.image_id("busybox")
+    server.tag(image_id, two, size2)
+    return image_id, one, two
+
+
+@integration
+@pytest.mark.parametrize("second", [{KEY_V1: BLOG}, {}], ids=["other profile", "none"])
+def test_image_id_whose_images_disagree_is_refused(containerd: FakeContainerd,
+                                                   second: dict[str, str]) -> None:
+    """/work/rt/RESULTS.md A-extra: by ID, containerd's record gave the last pulled
+    manifest's profile. Fail closed, naming the ID and the images."""
+    image_id, one, two = same_config_images(containerd, {KEY_V1: PROFILE}, second)
+    other = f"{KEY_V1}='{BLOG}'" if second else "none"
+    with pytest.raises(ImageLookupError) as info:
+        lookup(containerd, Image(image_id))
+    assert str(info.value) == (
+        f"cannot read annotations of image {image_id}: it is an image ID, and the 2 images "
+        f"with ID {image_id} in containerd differ in their seccomp-profile annotations ("
+        + "; ".join(sorted([f"r.example/test/annotated:v1 ({one}): {KEY_V1}='{PROFILE}'",
+                            f"r.example/test/blog:v1 ({two}): {other}"],
+                           key=lambda s: s.split("(")[1]))
+        + "): which of them the container runs cannot be told from the ID")
+
+
+@integration
+def test_image_id_whose_images_agree_is_served(containerd: FakeContainerd) -> None:
+    """Same seccomp annotations (other annotations differ): any of them will do. An image
+    for other platforms only and an unrelated image are passed over."""
+    image_id, _, _ = same_config_images(containerd, {KEY_V1: PROFILE}, {KEY_V1: PROFILE})
+    arm, arm_size = containerd.add_manifest({KEY_V1: BLOG}, seed="arm")
+    index, size = containerd.add_index([(arm, arm_size, ARM64)])
+    containerd.tag("r.example/test/arm-only:1", index, size,
+                   media_type="application/vnd.oci.image.index.v1+json")
+    plain, plain_size = containerd.add_manifest({}, seed="plain")
+    containerd.tag("r.example/test/plain:1", plain, plain_size)
+    client = ContainerdImages(containerd.socket, "k8s.io", NODE)
+    images = ImageAnnotations(ContainerdSource(client))
+
+    async def go() -> list[dict[str, str]]:
+        try:
+            return [await images.get(Image(image_id), time.monotonic() + 5) for _ in range(2)]
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(go()) == [{KEY_V1: PROFILE}] * 2
+    calls = containerd.calls()
+    # each manifest read once; the second time only the list again (a pull may add one)
+    assert calls.count("Images/List ") == 2
+    assert len([c for c in calls if c.startswith("Content/Read")]) == len(set(calls)) - 1
+
+
+@integration
+def test_image_id_in_an_index(containerd: FakeContainerd) -> None:
+    """The ID is the config of the node's platform manifest of a multi-platform image;
+    a single-platform image with the same config and another profile disagrees."""
+    ours, ours_size = containerd.add_manifest({KEY_V1: PROFILE}, seed="multi")
+    arm, arm_size = containerd.add_manifest({}, seed="arm")
+    index, size = containerd.add_index([(arm, arm_size, ARM64), (ours, ours_size, AMD64)])
+    containerd.tag("r.example/test/multi:1", index, size,
+                   media_type="application/vnd.oci.image.index.v1+json")
+    image_id = containerd.image_id("multi")
+    assert lookup(containerd, Image(image_id)) == {KEY_V1: PROFILE}
+    single, single_size = containerd.add_manifest({KEY_V1: BLOG}, seed="multi")
+    containerd.tag("r.example/test/single:1", single, single_size)
+    with pytest.raises(ImageLookupError, match=f"the 2 images with ID {image_id} in "
+                       "containerd differ"):
+        lookup(containerd, Image(image_id))

@@ -11,6 +11,7 @@ import pytest
 from nri_seccomp.decide.reference import parse
 from nri_seccomp.registry import errors
 from nri_seccomp.service.store import (
+    HELD_AFTER_RECHECK,
     NotReady,
     ProfileRejected,
     ProfileStore,
@@ -62,8 +63,29 @@ def test_tag_past_ttl_is_rechecked_and_unchanged_layer_not_downloaded() -> None:
         clock.now += 11
         return [first, (await store.get(TAG, soon())).source]
 
-    assert run(go()) == ["registry", "registry"]
+    # the second time only the manifest came from the registry: not "registry"
+    assert run(go()) == ["registry", HELD_AFTER_RECHECK]
     assert len(reg.calls) == 2 and reg.downloads == 1 and compiler.compiles == 1
+
+
+@pytest.mark.parametrize(("age", "changed", "expected"), [
+    (5.0, False, "cache"),  # within tag_ttl: the registry is not asked
+    (11.0, False, HELD_AFTER_RECHECK),  # re-checked, same layer: no download
+    (11.0, True, "registry"),  # re-checked, the tag moved: the new layer downloaded
+])
+def test_source_after_a_restart_says_what_was_downloaded(age: float, changed: bool,
+                                                         expected: str) -> None:
+    """A new process over the same disk cache (/work/rt/RESULTS.md A2): the decision's log
+    line said "registry" for a profile whose bytes came from the disk."""
+    reg, disk, clock = FakeRegistry({"r.example/p/a:1": GOOD}), FakeDisk(), Clock()
+    first, _ = make(reg, disk, clock, tag_ttl=10.0)
+    assert run(first.get(TAG, soon())).source == "registry"  # type: ignore[attr-defined]
+    clock.now += age
+    if changed:
+        reg.layers["r.example/p/a:1"] = GOOD + b" "
+    second, _ = make(reg, disk, clock, tag_ttl=10.0)  # a restart: empty memory, same disk
+    assert run(second.get(TAG, soon())).source == expected  # type: ignore[attr-defined]
+    assert reg.downloads == (2 if changed else 1)
 
 
 def test_tag_past_ttl_with_registry_down_is_served_stale() -> None:

@@ -18,12 +18,16 @@ there, the way ``ctr`` does, over containerd's socket:
 
 Every call carries the ``containerd-namespace`` metadata (``k8s.io`` for CRI images)
 and the time left before the caller's deadline. Errors say what failed in fixed
-words; containerd's own text is quoted short.
+words; containerd's own text is quoted short. An unreachable socket says why in fixed
+words when a ``stat`` of the path tells (missing, not a socket, permission denied),
+else quotes the end of gRPC's text, where its cause is.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 import time
 from typing import Any
 
@@ -31,7 +35,7 @@ import grpc
 import grpc.aio
 
 from nri_seccomp import digest as digest_mod
-from nri_seccomp.bounded import quote_untrusted
+from nri_seccomp.bounded import quote_untrusted, quote_untrusted_tail
 from nri_seccomp.containerd import platform
 from nri_seccomp.containerd.pb import content_pb2, content_pb2_grpc, images_pb2, images_pb2_grpc
 from nri_seccomp.decide import reference
@@ -55,6 +59,31 @@ _IMAGE_ID = re.compile(r"sha256:[a-f0-9]{64}")
 
 class ContainerdError(NriSeccompError):
     """The image's annotations could not be read from containerd; the message says why."""
+
+
+class ContainerdUnavailable(ContainerdError):
+    """containerd's socket cannot be reached (as opposed to one image or blob failing)."""
+
+
+def is_image_id(name: str) -> bool:
+    """``sha256:<64 hex>``: an image ID (the config's digest), a name of its own in CRI."""
+    return _IMAGE_ID.fullmatch(name) is not None
+
+
+def _annotations(body: dict[str, Any], digest: str) -> dict[str, str]:
+    found = body.get("annotations") or {}
+    if not isinstance(found, dict):
+        raise ContainerdError(f"manifest of image {digest}: annotations are not an object")
+    return {str(k): str(v) for k, v in found.items()}
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISREG, "a regular file"),
+                       (stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return f"mode {mode:o}"
 
 
 def store_name(name: str) -> str:
@@ -127,10 +156,36 @@ class ContainerdImages:
             return ContainerdError(f"{what} not found in containerd (namespace "
                                    f"{self.namespace})")
         if code == grpc.StatusCode.UNAVAILABLE:
-            return ContainerdError(f"containerd at {self.socket} is unavailable: "
-                                   f"{quote_untrusted(exc.details() or '', 120)}")
+            return ContainerdUnavailable(f"containerd at {self.socket} is unavailable: "
+                                   f"{self._unavailable_cause(exc.details() or '')}")
         return ContainerdError(f"containerd answered {code.name} for {what}: "
                                f"{quote_untrusted(exc.details() or '', 120)}")
+
+    def _unavailable_cause(self, details: str) -> str:
+        """Why the socket cannot be reached, in fixed words when the file system says
+        (one stat, no connection); else the end of gRPC's text, where it puts the
+        errno's words, since its start ("failed to connect to all addresses; last
+        error: …") is the same every time."""
+        path = self.socket
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return (f"no such file: {path} does not exist (is containerd running, and is "
+                    "containerd_socket its address?)")
+        except NotADirectoryError:
+            return f"no such file: a directory on the way to {path} is not a directory"
+        except PermissionError:
+            return (f"permission denied: a directory on the way to {path} is not "
+                    f"searchable by uid {os.geteuid()}")
+        except OSError as exc:
+            return f"cannot stat {path}: {exc.strerror or exc}"
+        if not stat.S_ISSOCK(st.st_mode):
+            return f"{path} is not a socket ({_file_kind(st.st_mode)})"
+        if not os.access(path, os.R_OK | os.W_OK):
+            return (f"permission denied: uid {os.geteuid()} may not connect to {path} "
+                    f"(mode {stat.filemode(st.st_mode)}, owner uid {st.st_uid} "
+                    f"gid {st.st_gid})")
+        return quote_untrusted_tail(details, 160)
 
     async def target(self, name: str, deadline: float) -> str:
         """The digest of the image ``name`` (as the kubelet gave it) in containerd's store."""
@@ -151,8 +206,41 @@ class ContainerdImages:
                                   f"{quote_untrusted(digest)}")
         return str(digest)
 
+    async def image_targets(self, deadline: float) -> dict[str, list[str]]:
+        """Every image record's target digest → the record names pointing at it
+        (``Images/List``, one call)."""
+        images, _ = self._stubs()
+        try:
+            response = await images.List(images_pb2.ListImagesRequest(),
+                                         timeout=self._timeout(deadline),
+                                         metadata=self._metadata())
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc, "the image list") from None
+        out: dict[str, list[str]] = {}
+        for image in response.images:
+            digest = image.target.digest
+            if digest_mod.is_valid(digest):
+                out.setdefault(str(digest), []).append(str(image.name))
+        return out
+
+    async def config_and_annotations(self, digest: str,
+                                     deadline: float) -> tuple[str | None, dict[str, str]]:
+        """For the image whose target is ``digest``: the config digest of the node's
+        platform manifest (its image ID; None if it names none) and its annotations."""
+        body = await self.platform_manifest(digest, deadline)
+        config = body.get("config")
+        config_digest = config.get("digest") if isinstance(config, dict) else None
+        if not isinstance(config_digest, str) or not digest_mod.is_valid(config_digest):
+            config_digest = None
+        return config_digest, _annotations(body, digest)
+
     async def annotations(self, digest: str, deadline: float) -> dict[str, str]:
         """The annotations of the image whose target is ``digest`` (see the module doc)."""
+        return _annotations(await self.platform_manifest(digest, deadline), digest)
+
+    async def platform_manifest(self, digest: str, deadline: float) -> dict[str, Any]:
+        """The manifest of the image whose target is ``digest``: itself, or the node's
+        platform entry of an index (see the module doc)."""
         body = await self._manifest(digest, deadline)
         media_type = body.get("mediaType")
         if media_type in (OCI_INDEX, DOCKER_LIST) or (
@@ -173,10 +261,7 @@ class ContainerdImages:
         elif media_type not in (OCI_MANIFEST, DOCKER_MANIFEST, None):
             raise ContainerdError(f"image {digest} has media type "
                                   f"{quote_untrusted(media_type)}, not a manifest or index")
-        found = body.get("annotations") or {}
-        if not isinstance(found, dict):
-            raise ContainerdError(f"manifest of image {digest}: annotations are not an object")
-        return {str(k): str(v) for k, v in found.items()}
+        return body
 
     async def _manifest(self, digest: str, deadline: float) -> dict[str, Any]:
         raw = await self.read(digest, deadline)

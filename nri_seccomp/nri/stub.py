@@ -185,6 +185,11 @@ class Stub:
         self.plugin = plugin
         self._ready_file = ready_file
         self._registered = False
+        #: changes with every session's start and end, so that a ready-file write queued
+        #: in one session is dropped once it is over
+        self._session_id = 0
+        #: the session whose Synchronize was answered (-1: none)
+        self._synced_session = -1
         self.identity = identity
         self._sock = sock
         self._socket_path = socket_path
@@ -249,15 +254,19 @@ class Stub:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
-            started = time.monotonic()
             try:
                 await self._session(reader, writer)
             except RegistrationError as exc:
+                # a runtime that takes the connection but not the plugin: keep doubling,
+                # so a broken runtime is not asked ten times a second
                 log.warning("%s", exc)
+            else:
+                # registered, however briefly: the runtime was there and will be again
+                # soon (a restart). Starting again at 0.1 s keeps two restarts a few
+                # seconds apart from costing the back-off grown during the first one
+                backoff = 0.1
             if not self._reconnect:
                 return
-            if time.monotonic() - started > 10:
-                backoff = 0.1
             if not self._shutdown:
                 log.info("runtime connection lost, reconnecting to %s", self._socket_path)
                 await asyncio.sleep(backoff)
@@ -281,13 +290,19 @@ class Stub:
             ),
             asyncio.create_task(client.run(), name="runtime-client"),
         ]
+        self._session_id += 1
+        # chunks of a synchronization the previous connection did not finish are void
+        self._sync_pods, self._sync_containers = [], []
         try:
             await self._register(client)
             self._registered = True
-            self._write_ready_file()
+            if self._synced_session == self._session_id:
+                # the runtime synchronized before its RegisterPlugin answer reached us
+                self._write_ready_file()
             await tasks[0]
         finally:
             self._registered = False
+            self._session_id += 1  # a ready-file write still pending belongs to no session
             self._remove_ready_file()
             m.close()
             for task in tasks:
@@ -326,14 +341,26 @@ class Stub:
 
     # ---- the ready file ------------------------------------------------------
 
+    def _synchronized(self, session: int) -> None:
+        """The last Synchronize chunk has been answered: from now on the runtime calls us.
+
+        containerd's NRI adds a plugin to the set it consults for containers only once
+        its Synchronize succeeded, up to a second after RegisterPlugin on a cold start;
+        a ready file written at registration would claim "serving" for that second."""
+        if session != self._session_id:
+            return
+        self._synced_session = session
+        if self._registered:
+            self._write_ready_file()
+
     def _write_ready_file(self) -> None:
-        """Say, in a file, that we are registered: written whole (rename), so a reader
-        (an exec probe's ``test -f``) never sees a half-written one."""
+        """Say, in a file, that the runtime consults us: written whole (rename), so a
+        reader (an exec probe's ``test -f``) never sees a half-written one."""
         if self._ready_file is None:
             return
         runtime = " ".join(p for p in (self.runtime.name, self.runtime.version) if p)
         text = (
-            f"registered: {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n"
+            f"synchronized: {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n"
             f"plugin: {self.identity.idx}-{self.identity.name}\n"
             f"runtime: {runtime or 'unknown (not configured yet)'}\n"
         )
@@ -389,9 +416,6 @@ class Stub:
         )
         await self._call_optional("configure", req.config, self.runtime)
         self.configured.set()
-        if self._registered:
-            # the runtime's name arrives with Configure, usually after registration
-            self._write_ready_file()
         return nri_pb2.ConfigureResponse(events=event_mask(self.plugin)).SerializeToString()
 
     async def _synchronize(self, payload: bytes, call: ttrpc.Call) -> bytes:
@@ -407,6 +431,9 @@ class Stub:
         updates = await self._call_optional("synchronize", pods, containers)
         resp = nri_pb2.SynchronizeResponse()
         resp.update.extend(updates or [])
+        # the ttrpc server sends this answer as soon as we return: the file follows it
+        # (a handler that raised above answers an error, and the runtime drops us)
+        asyncio.get_running_loop().call_soon(self._synchronized, self._session_id)
         return resp.SerializeToString()
 
     async def _shutdown_rpc(self, payload: bytes, call: ttrpc.Call) -> bytes:

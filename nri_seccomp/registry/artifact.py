@@ -75,6 +75,9 @@ class Artifact:
     data: bytes = field(repr=False)
     media_type_config: str
     size: int
+    #: the layer's bytes were the caller's (``fetch(have=…)``): only the manifest came
+    #: from the registry, so a log line must not say the profile was downloaded
+    held: bool = False
 
     @property
     def config_media_type(self) -> str:

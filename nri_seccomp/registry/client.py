@@ -335,7 +335,7 @@ class ArtifactFetcher:
         if held is not None and held_layer_usable(layer, held):
             log.info("OCI artifact %s unchanged (layer %s already cached)", key, layer.digest)
             return Artifact(key, manifest.digest, layer.digest, held,
-                            SECCOMP_CONFIG_MEDIA_TYPE, len(held))
+                            SECCOMP_CONFIG_MEDIA_TYPE, len(held), held=True)
         data = await self._blob(call, layer)
         log.info("Retrieved OCI artifact seccomp profile of len: %d", len(data))
         return Artifact(key, manifest.digest, layer.digest, data, SECCOMP_CONFIG_MEDIA_TYPE,

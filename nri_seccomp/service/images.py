@@ -29,7 +29,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
-from nri_seccomp.containerd.client import ContainerdError, ContainerdImages
+from nri_seccomp.bounded import quote_untrusted
+from nri_seccomp.containerd.client import (
+    ContainerdError,
+    ContainerdImages,
+    ContainerdUnavailable,
+    is_image_id,
+)
 from nri_seccomp.decide import reference, resolver
 from nri_seccomp.decide.reference import Reference
 from nri_seccomp.errors import NriSeccompError
@@ -42,6 +48,10 @@ KEEP = 1024
 FETCH_BUDGET = 30.0
 #: seccomp-profile annotations kept per image
 MAX_KEYS = 64
+#: images' manifests remembered for lookups by image ID (config digest, annotations)
+ID_FACTS_KEPT = 4096
+#: images named in the refusal of an image ID whose images disagree
+ID_SHOWN = 4
 
 T = TypeVar("T")
 
@@ -79,25 +89,85 @@ class AnnotationSource(Protocol):
 
 
 class ContainerdSource:
-    """The pulled manifest, from containerd's content store (``containerd.client``)."""
+    """The pulled manifest, from containerd's content store (``containerd.client``).
+
+    An image given by ID (``sha256:<config digest>``, a kubelet or pod naming images
+    that way) is not one manifest: every image pulled with that config has it, and
+    containerd's record of that name points at whichever was pulled last. So all
+    records are looked at (``Images/List``, and each target's platform manifest, read
+    once per digest): when the manifests with that config agree on their seccomp
+    annotations those are the image's, when they differ the lookup fails (closed).
+    """
 
     #: containerd is local: a failure (socket down, image not yet recorded) is retried soon
     failure_ttl = 2.0
 
     def __init__(self, client: ContainerdImages) -> None:
         self.client = client
+        #: target digest → (its platform manifest's config digest, seccomp annotations);
+        #: content-addressed, so never stale
+        self._facts: BoundedMap[str, tuple[str | None, dict[str, str]]] = BoundedMap(
+            ID_FACTS_KEPT)
 
     def key(self, image: Image) -> str | None:
         return image.digest or None
 
     async def resolve(self, image: Image, deadline: float) -> str:
         try:
+            if is_image_id(image.name):
+                return await self._resolve_id(image.name, deadline)
             return await self.client.target(image.name, deadline)
         except ContainerdError as exc:
             raise ImageLookupError(f"cannot read annotations of image {image.name}: {exc}"
                                    ) from None
 
+    async def _resolve_id(self, image_id: str, deadline: float) -> str:
+        """A target digest whose annotations stand for every image with this ID."""
+        same: dict[str, tuple[dict[str, str], list[str]]] = {}
+        for digest, names in sorted((await self.client.image_targets(deadline)).items()):
+            facts = self._facts.get(digest)
+            if facts is None:
+                try:
+                    config, annotations = await self.client.config_and_annotations(
+                        digest, deadline)
+                except ContainerdUnavailable:
+                    raise
+                except ContainerdError as exc:
+                    # an image for other platforms only, or content containerd no longer
+                    # holds: no container on this node runs it under any ID. Remembered
+                    # as having no config, so the next lookup does not read it again
+                    log.debug("image %s (%s) skipped looking for ID %s: %s",
+                              names[0], digest, image_id, exc)
+                    config, annotations = None, {}
+                facts = (config, _seccomp_only(annotations))
+                self._facts.put(digest, facts)
+            if facts[0] == image_id:
+                same[digest] = (facts[1], names)
+        if not same:
+            # no manifest names that config (an image format without one?): containerd's
+            # own record of the ID, as before
+            return await self.client.target(image_id, deadline)
+        if len({tuple(sorted(a.items())) for a, _ in same.values()}) > 1:
+            shown = "; ".join(
+                f"{_display_name(names)} ({digest}): "
+                + (", ".join(f"{k}={quote_untrusted(v, 80)}" for k, v in sorted(a.items()))
+                   or "none")
+                for digest, (a, names) in itertools.islice(same.items(), ID_SHOWN))
+            more = f"; and {len(same) - ID_SHOWN} more" if len(same) > ID_SHOWN else ""
+            raise ContainerdError(
+                f"it is an image ID, and the {len(same)} images with ID {image_id} in "
+                f"containerd differ in their seccomp-profile annotations ({shown}{more}): "
+                "which of them the container runs cannot be told from the ID")
+        # they agree: any of them will do; containerd's own record of the ID if it is one
+        for digest, (_, names) in same.items():
+            if image_id in names:
+                return digest
+        return next(iter(same))
+
     async def read(self, key: str, image: Image, deadline: float) -> dict[str, str]:
+        facts = self._facts.get(key)
+        if facts is not None and facts[0] is not None:
+            return dict(facts[1])  # read already, looking for an image ID
         try:
             return await self.client.annotations(key, deadline)
         except ContainerdError as exc:
@@ -211,11 +281,21 @@ class ImageAnnotations:
             raise
         # only what the resolver reads is kept: a manifest's other annotations are
         # the image author's to fill, and a thousand remembered images must stay small
-        kept = dict(itertools.islice(
-            ((k, v) for k, v in annotations.items() if k.startswith(resolver.KEYS)), MAX_KEYS))
+        kept = _seccomp_only(annotations)
         if source is self._source:
             self._known.put(key, kept)
         return kept
+
+
+def _seccomp_only(annotations: dict[str, str]) -> dict[str, str]:
+    """What the resolver reads of an image's annotations, at most MAX_KEYS of them."""
+    return dict(itertools.islice(
+        ((k, v) for k, v in annotations.items() if k.startswith(resolver.KEYS)), MAX_KEYS))
+
+
+def _display_name(names: list[str]) -> str:
+    """A record's name for a message: a reference rather than the bare ID."""
+    return next((n for n in names if not is_image_id(n)), names[0])
 
 
 def _finished(key: str, task: asyncio.Task[T]) -> None:

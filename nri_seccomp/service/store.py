@@ -54,6 +54,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+#: Ready.source when the registry was asked for the manifest (a tag past tag_ttl, a
+#: reference the disk index does not know) and it named a layer already on disk: the
+#: profile's bytes were not downloaded
+HELD_AFTER_RECHECK = "cache, manifest from registry"
+
 #: what a compiler raises for a layer that must be refused (and remembered as refused)
 REFUSING_ERRORS: tuple[type[Exception], ...] = (model.ProfileError, CompileBudgetExceeded)
 
@@ -95,7 +100,9 @@ class Compiled:
 class Ready:
     reference: str
     compiled: Compiled
-    #: "memory", "cache", "registry" or "stale"
+    #: where the profile came from, for the decision's log line: "memory", "cache"
+    #: (disk), "registry" (downloaded), "stale" (cached tag, registry down or slow), or
+    #: HELD_AFTER_RECHECK (the registry's manifest named a layer the disk held)
     source: str
 
 
@@ -406,7 +413,7 @@ class ProfileStore:
                 # the profile is verified and usable now; only the restart copy is lost
                 log.warning("could not cache %s: %s", key, exc)
         self._refs.put(key, (art.layer_digest, fetched_at))
-        return Ready(key, compiled, "registry")
+        return Ready(key, compiled, HELD_AFTER_RECHECK if art.held else "registry")
 
     async def _compile(self, data: bytes, digest: str) -> Compiled:
         compiled = self._compiled.get(digest)
