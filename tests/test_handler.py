@@ -227,3 +227,32 @@ def test_translation_stopped_at_the_wall_clock_is_not_kept() -> None:
         return kept
 
     assert asyncio.run(go()) == [False, False, True]
+
+
+def test_cached_path_answers_from_memory_while_the_store_would() -> None:
+    """The answer is remembered per annotation value for as long as the store would serve
+    it from memory (a tag: tag_ttl), and forgotten when the runtime reconnects or
+    configures again, after which the allow-list is asked again."""
+    reg = FakeRegistry({REF: PROFILE})
+    plugin = handler(C23, reg, config.Config(tag_ttl=0.3))
+    p = pod({f"{KEY_V1}/POD": REF})
+
+    async def go() -> list[int]:
+        fetches = []
+        for _ in range(3):
+            assert await plugin.create_container(p, ctr(), time.monotonic() + 2) is not None
+            fetches.append(len([c for c in reg.calls if not c.startswith("image")]))
+        assert REF in plugin._hot
+        await asyncio.sleep(0.4)  # past tag_ttl: the store asks the registry again
+        assert await plugin.create_container(p, ctr(), time.monotonic() + 2) is not None
+        fetches.append(len([c for c in reg.calls if not c.startswith("image")]))
+        reg.allowed = ("other.example/",)
+        await plugin.on_disconnect()
+        with pytest.raises(Refusal) as info:
+            await plugin.create_container(p, ctr(), time.monotonic() + 2)
+        assert info.value.kind is Kind.FORBIDDEN
+        return fetches
+
+    fetches = asyncio.run(go())
+    assert fetches[0] == fetches[1] == fetches[2] >= 1
+    assert fetches[3] > fetches[2]

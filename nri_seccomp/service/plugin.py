@@ -45,6 +45,10 @@ TRANSLATIONS_KEPT = 256
 TRANSLATIONS_BYTES = 32 * 1024 * 1024
 #: translation failures that are the profile's own (kept like an answer until Configure)
 _KEPT_FAILURES = (compat.UnsupportedByRuntime, CompileBudgetExceeded)
+#: answers kept for the cached path (a reference's store lookup, policy check and
+#: translation memo in one), in entries, and for at most this long
+HOT_KEPT = 1024
+HOT_SECONDS = 30.0
 #: profiles prepared in the background at pod creation, at most, at once
 WARMING_LIMIT = 64
 
@@ -63,6 +67,9 @@ class SeccompPlugin:
         self._warming: set[asyncio.Task[None]] = set()
         #: bumped at each Configure: translations depend on the runtime and the config
         self._generation = 0
+        #: annotation value → (answer, reference, digest) while the store would serve
+        #: it from memory; forgotten at Configure and when the runtime reconnects
+        self._hot: BoundedMap[str, tuple[Answer, str, str]] = BoundedMap(HOT_KEPT)
         self._translations: BoundedMap[
             tuple[str, int], asyncio.Future[Answer]
         ] = BoundedMap(TRANSLATIONS_KEPT, TRANSLATIONS_BYTES, _translation_bytes)
@@ -99,6 +106,7 @@ class SeccompPlugin:
         self.config, self.caps, self.runtime = cfg, caps, runtime
         self._generation += 1
         self._translations.clear()
+        self._hot.clear()
         log.info(
             "runtime %s: seccomp adjustment %s, errnoRet %s, defaultErrnoRet %s",
             caps.description,
@@ -143,6 +151,7 @@ class SeccompPlugin:
 
     async def on_disconnect(self) -> None:
         self._translations.clear()
+        self._hot.clear()
 
     async def shutdown(self) -> None:
         if self.services is not None:
@@ -263,6 +272,13 @@ class SeccompPlugin:
             log.info("%s; not applying %s to container %s: %s",
                      match.log_line, match.reference, container.name, decision.reason)
             return None
+        hot = self._hot.get(match.reference)
+        if hot is not None:
+            # answered before under this configuration and still fresh: what the store,
+            # the allow-list and the translation memo would say again
+            answer, shown, digest = hot
+            self._applying(pod, container, match, answer, shown, digest, "memory")
+            return answer
         try:
             ref = reference.parse(match.reference)
         except reference.ReferenceError as exc:
@@ -284,12 +300,22 @@ class SeccompPlugin:
         translation = await self._translate(ref, ready.compiled, deadline)
         if translation.refusal is not None:
             raise Refusal(Kind.FORBIDDEN, f"{ref}: {translation.refusal}")
-        for warning in translation.warnings:
+        fresh = min(self.services.store.fresh_for(ref), HOT_SECONDS)
+        if fresh > 0:
+            self._hot.put(match.reference, (translation, str(ref), ready.compiled.digest),
+                          ttl=fresh)
+        self._applying(pod, container, match, translation, str(ref), ready.compiled.digest,
+                       ready.source)
+        return translation
+
+    def _applying(self, pod: nri_pb2.PodSandbox, container: nri_pb2.Container,
+                  match: resolver.Match, answer: Answer, ref: str, digest: str,
+                  source: str) -> None:
+        for warning in answer.warnings:
             log.warning("container %s/%s: %s", pod.name, container.name, warning)
         logline.decision(log, f"{match.log_line}; applying seccomp profile {ref} "
-                         f"({ready.compiled.digest}, {ready.source}) to container "
+                         f"({digest}, {source}) to container "
                          f"{pod.namespace}/{pod.name}/{container.name}")
-        return translation
 
     async def _image_annotations(
         self, container: nri_pb2.Container, deadline: float

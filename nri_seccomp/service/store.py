@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
@@ -239,6 +240,16 @@ class ProfileStore:
         except TimeoutError:
             log.info("seccomp profile %s not ready before the deadline, fetch continues", key)
             raise NotReady(key) from None
+
+    def fresh_for(self, ref: Reference) -> float:
+        """Seconds ``ref`` stays servable from memory without asking the registry (0: not
+        in memory; a digest reference, for ever)."""
+        entry = self._refs.get(str(ref))
+        if entry is None or self._compiled.get(entry[0]) is None:
+            return 0.0
+        if ref.digest is not None:
+            return math.inf
+        return self._settings.tag_ttl - (self._clock() - entry[1])
 
     def prefetch(self, ref: Reference, owner: str = "") -> bool:
         """Start resolving ``ref`` (pod creation) without waiting; False if not started."""
