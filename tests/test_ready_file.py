@@ -192,6 +192,34 @@ def test_back_off_starts_again_after_a_registration() -> None:
     assert all(t < 0.6 for t in back), back
 
 
+def test_a_long_runtime_outage_costs_at_most_a_second_more() -> None:
+    """The socket gone for 4 s (a slow containerd restart): dials at most 1 s apart, so
+    the plugin is back within ~1 s of the socket, not after a back-off grown to 3.2 s."""
+
+    async def scenario(tmp: Path) -> float:
+        sock_path = str(tmp / "nri.sock")
+        listener = driver.ExternalListener(sock_path)
+        s = stub.Stub(_Plugin(), IDENTITY, socket_path=sock_path)
+        task = asyncio.create_task(s.run())
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.sleep(4.0)  # dials at 0, 0.1, 0.3, 0.7, 1.5, 2.5, 3.5 fail
+            await listener.start()
+            t0 = loop.time()
+            conn = await asyncio.wait_for(listener.connections.get(), 10)
+            await asyncio.wait_for(conn.registered.wait(), 5)
+            return loop.time() - t0
+        finally:
+            s.close()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await listener.stop()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        back = run(scenario(Path(tmp)), 30)
+    assert back < 1.3, back  # the dial after 3.5 s is at 4.5 s at the latest
+
+
 def test_stale_ready_file_is_removed_at_start() -> None:
     """A file left by a killed process (kill -9 skips the clean-up; an emptyDir keeps it
     across container restarts) must not claim a registration: gone before the first dial."""

@@ -46,6 +46,10 @@ DEFAULT_REGISTRATION_TIMEOUT = 5.0
 DEFAULT_REQUEST_TIMEOUT = 2.0
 #: how long the plugin's shutdown may take once the runtime has gone
 SHUTDOWN_GRACE = 5.0
+#: the longest wait between two dials of an absent runtime socket (external plugin)
+DIAL_BACKOFF_MAX = 1.0
+#: the longest wait before registering again with a runtime that refused us
+REFUSED_BACKOFF_MAX = 5.0
 
 #: plugin method name → the NRI event it handles.
 EVENT_METHODS: Mapping[str, int] = {
@@ -243,17 +247,25 @@ class Stub:
             log.info("the runtime closed the connection; exiting")
             return
         backoff = 0.1
+        failed_dials = 0
         while not self._shutdown:
             try:
                 reader, writer = await asyncio.open_unix_connection(self._socket_path)
             except OSError as exc:
                 if not self._reconnect:
                     raise StubError(f"cannot connect to {self._socket_path}: {exc}") from exc
-                log.info("runtime socket %s unavailable (%s), retrying in %.1fs",
-                         self._socket_path, exc.strerror or exc, backoff)
+                # the first failure of an outage is news; the rest repeat it each second
+                log.log(logging.INFO if failed_dials == 0 else logging.DEBUG,
+                        "runtime socket %s unavailable (%s), retrying in %.1fs",
+                        self._socket_path, exc.strerror or exc, backoff)
+                failed_dials += 1
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                # dialing a socket that is not there costs nothing, and every moment
+                # without the plugin is a moment its pods cannot start: at most 1 s
+                # between dials, so a containerd restart (~1.5 s) costs at most 1 s more
+                backoff = min(backoff * 2, DIAL_BACKOFF_MAX)
                 continue
+            failed_dials = 0
             try:
                 await self._session(reader, writer)
             except RegistrationError as exc:
@@ -270,7 +282,7 @@ class Stub:
             if not self._shutdown:
                 log.info("runtime connection lost, reconnecting to %s", self._socket_path)
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                backoff = min(backoff * 2, REFUSED_BACKOFF_MAX)
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         m = mux.Mux(reader, writer)
