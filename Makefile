@@ -46,7 +46,7 @@ lint: deps
 demo: deps
 	$(PYTHON) -m devtools.demo
 
-bench: deps
+bench: deps bundle
 	$(PYTHON) -m bench
 
 # start-up to registration (venv, installed tree, bundle) and crash recovery times
