@@ -59,6 +59,7 @@ def test_fetch_goes_through_a_pull_through_mirror(upstream: LocalRegistry,
         ref = parse(f"{upstream.address}/prof/mirrored:v1")
         art = fetch(f, ref)
         assert art.data == PROFILE
+        assert art.via == mirror.address  # named in the decision's log line
         assert head(f, ref) == art.manifest_digest
         lines = ours(mirror)
         # containerd's form: ?ns=<registry>, query-encoded (":" is %3A)
@@ -81,7 +82,8 @@ def test_mirror_down_or_without_the_artifact_falls_back_to_upstream(
                    f'[host."http://{dead}"]\n[host."http://{empty.address}"]\n')
         f = fetcher(config_path=(str(tmp_path),), allowed=(f"{upstream.address}/*",))
         before = len(ours(upstream))
-        assert fetch(f, parse(f"{upstream.address}/prof/mirrored:v1")).data == PROFILE
+        art = fetch(f, parse(f"{upstream.address}/prof/mirrored:v1"))
+        assert art.data == PROFILE and art.via == ""  # the registry itself served it
         # the empty mirror answered 404 to the manifest: asked, then the upstream served
         assert empty.count("manifests", "prof/mirrored", status=404) == 1
         assert any("GET /v2/prof/mirrored/manifests/v1 " in line

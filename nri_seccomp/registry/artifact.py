@@ -78,6 +78,8 @@ class Artifact:
     #: the layer's bytes were the caller's (``fetch(have=…)``): only the manifest came
     #: from the registry, so a log line must not say the profile was downloaded
     held: bool = False
+    #: the mirror (hosts.toml) that served the layer, "" when the registry itself did
+    via: str = ""
 
     @property
     def config_media_type(self) -> str:

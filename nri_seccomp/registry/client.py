@@ -338,8 +338,10 @@ class ArtifactFetcher:
                             SECCOMP_CONFIG_MEDIA_TYPE, len(held), held=True)
         data = await self._blob(call, layer)
         log.info("Retrieved OCI artifact seccomp profile of len: %d", len(data))
+        # the decision's log line names a mirror that served it (its access log is not ours)
+        via = call.endpoint.netloc if call.endpoint is not None and call.endpoint.ns else ""
         return Artifact(key, manifest.digest, layer.digest, data, SECCOMP_CONFIG_MEDIA_TYPE,
-                        len(data))
+                        len(data), via=via)
 
     async def _head_digest(self, call: _Call) -> str:
         need = "pull" if call.ref.digest is not None else "resolve"

@@ -424,7 +424,9 @@ class ProfileStore:
                 # the profile is verified and usable now; only the restart copy is lost
                 log.warning("could not cache %s: %s", key, exc)
         self._refs.put(key, (art.layer_digest, fetched_at))
-        return Ready(key, compiled, HELD_AFTER_RECHECK if art.held else "registry")
+        source = (HELD_AFTER_RECHECK if art.held
+                  else f"registry via {art.via}" if art.via else "registry")
+        return Ready(key, compiled, source)
 
     async def _compile(self, data: bytes, digest: str) -> Compiled:
         compiled = self._compiled.get(digest)
