@@ -12,7 +12,8 @@ PROTO_FILES := $(wildcard proto/nri_seccomp/nri/pb/*.proto) \
 # the containerd services the plugin calls over gRPC (images, content) also get stubs
 GRPC_PROTO_FILES := $(wildcard proto/nri_seccomp/containerd/pb/*.proto)
 
-.PHONY: deps proto test lint demo bench bench-deploy bundle image install install-service uninstall lock clean runtime-deps install-runtime
+.PHONY: deps proto test lint demo bench bench-deploy bundle image install install-service uninstall lock clean runtime-deps install-runtime \
+	install-runtime-venv install-runtime-bundle
 
 # Debian packages (skipped when present), then a virtualenv with our package.
 deps: $(VENV)/.installed
@@ -68,6 +69,15 @@ RUNTIME_APT := python3 python3-venv libseccomp2
 LOCK := packaging/requirements.lock
 PKG_VENV := build/pkgvenv
 STAGE := $(DESTDIR)$(PREFIX)
+# What runs under PREFIX: `venv` (Debian's python3 on the pinned packages, lib/python)
+# or `bundle` (the PyInstaller onedir BUNDLE_DIR, under bundle/: no Python on the node).
+# Either way $(PREFIX)/bin/nri-seccomp starts it, the path the plugin entry and the
+# unit's ExecStart name.
+FROM ?= venv
+BUNDLE_DIR ?= dist/nri-seccomp
+ifeq ($(filter $(FROM),venv bundle),)
+$(error FROM=$(FROM): use FROM=venv (default) or FROM=bundle)
+endif
 
 runtime-deps:
 	@missing=""; for p in $(RUNTIME_APT); do \
@@ -78,12 +88,15 @@ runtime-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
+install-runtime: install-runtime-$(FROM)
+
 # The runtime under PREFIX: lib/python holds the pinned dependencies and our wheel
 # (pip --target, so no path of the build is baked in), bin/nri-seccomp runs Debian's
 # python3 in isolated mode on that directory alone.
-install-runtime: runtime-deps
+install-runtime-venv: runtime-deps
 	[ -x $(PKG_VENV)/bin/pip ] || $(RUNTIME_PYTHON) -m venv $(PKG_VENV)
-	rm -rf build/wheel $(STAGE)/lib/python
+	rm -rf build/wheel $(STAGE)/lib/python $(STAGE)/bundle
+	rm -f $(STAGE)/bin/nri-seccomp
 	$(PKG_VENV)/bin/pip wheel -q --no-deps -w build/wheel .
 	$(PKG_VENV)/bin/pip install -q --no-deps --target $(STAGE)/lib/python -r $(LOCK) \
 	  build/wheel/nri_seccomp-*.whl
@@ -94,7 +107,23 @@ install-runtime: runtime-deps
 	install -m 0644 $(LOCK) config/nri-seccomp.yaml $(STAGE)/share/
 	install -d -m 0750 $(DESTDIR)$(LOG_DIR)
 
-# Pre-installed plugin: containerd starts /opt/nri/plugins/10-seccomp-oci itself.
+# The bundle under PREFIX/bundle, as built (`make bundle`, on a build machine: this
+# target never builds it, needs no Python and no package of the node), and
+# bin/nri-seccomp a relative symlink to its executable (PyInstaller's bootloader finds
+# its _internal/ from the resolved path; tests/test_install.py starts it so).
+install-runtime-bundle:
+	@[ -x $(BUNDLE_DIR)/nri-seccomp ] || { echo "$(BUNDLE_DIR)/nri-seccomp is missing:" \
+	  "run \`make bundle\` first (on a build machine), or set BUNDLE_DIR" >&2; exit 1; }
+	rm -rf $(STAGE)/lib/python $(STAGE)/bundle $(STAGE)/share/requirements.lock
+	rm -f $(STAGE)/bin/nri-seccomp
+	install -d $(STAGE)/bin $(STAGE)/share
+	cp -RP $(BUNDLE_DIR) $(STAGE)/bundle
+	ln -s ../bundle/nri-seccomp $(STAGE)/bin/nri-seccomp
+	install -m 0644 config/nri-seccomp.yaml $(STAGE)/share/
+	install -d -m 0750 $(DESTDIR)$(LOG_DIR)
+
+# Pre-installed plugin: containerd starts /opt/nri/plugins/10-seccomp-oci itself (it execs
+# $(PREFIX)/bin/nri-seccomp, whichever FROM installed it).
 install: install-runtime
 	install -d $(DESTDIR)$(NRI_PLUGIN_DIR) $(DESTDIR)$(NRI_CONF_DIR)
 	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@LOG_DIR@|$(LOG_DIR)|' packaging/10-seccomp-oci.in \
@@ -104,14 +133,16 @@ install: install-runtime
 	  install -m 0644 config/nri-seccomp.yaml $(DESTDIR)$(NRI_CONF_DIR)/10-seccomp-oci.conf
 
 # External plugin under systemd instead (do not also install the pre-installed entry:
-# two plugins would register as seccomp-oci).
+# two plugins would register as seccomp-oci). ExecStart is $(PREFIX)/bin/nri-seccomp
+# for FROM=venv and FROM=bundle alike.
 install-service: install-runtime
 	install -d $(DESTDIR)$(SYSTEMD_DIR) $(DESTDIR)$(CONFIG_DIR)
 	sed 's|/opt/nri-seccomp|$(PREFIX)|g' packaging/nri-seccomp.service > $(DESTDIR)$(SYSTEMD_DIR)/nri-seccomp.service
 	[ -e $(DESTDIR)$(CONFIG_DIR)/config.yaml ] || \
 	  install -m 0644 config/nri-seccomp.yaml $(DESTDIR)$(CONFIG_DIR)/config.yaml
 
-# Removes the program; keeps configuration, logs and the profile cache.
+# Removes the program (either runtime: all of PREFIX); keeps configuration, logs and
+# the profile cache.
 uninstall:
 	rm -rf $(DESTDIR)$(PREFIX)
 	rm -f $(DESTDIR)$(NRI_PLUGIN_DIR)/10-seccomp-oci $(DESTDIR)$(SYSTEMD_DIR)/nri-seccomp.service

@@ -4,6 +4,7 @@ own tools offline (systemd is not PID 1 here, so the unit is not started)."""
 from __future__ import annotations
 
 import configparser
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -37,13 +38,29 @@ def test_unit_runs_the_external_plugin_and_restarts_it() -> None:
 
 
 @pytest.mark.integration
-def test_installed_unit_verifies(tmp_path: Path) -> None:
+@pytest.mark.parametrize("source", ["venv", "bundle"])
+def test_installed_unit_verifies(source: str, tmp_path: Path,
+                                 request: pytest.FixtureRequest) -> None:
+    if source == "bundle":
+        request.getfixturevalue("bundle")  # `make bundle`: install never builds it
     stage = tmp_path / "stage"
-    subprocess.run(["make", "-C", str(driver.CHECKOUT), "install-service", f"DESTDIR={stage}"],
+    subprocess.run(["make", "-C", str(driver.CHECKOUT), "install-service", f"DESTDIR={stage}",
+                    f"FROM={source}"],
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     unit = (stage / "etc/systemd/system/nri-seccomp.service").read_text()
     assert (stage / "etc/nri-seccomp/config.yaml").exists()
     assert not (stage / "opt/nri/plugins/10-seccomp-oci").exists()  # one mode at a time
+    # the same ExecStart for either runtime, and its program is in the staged tree
+    exec_start = re.search(r"^ExecStart=(\S+)", unit, re.M)
+    assert exec_start is not None and exec_start.group(1) == "/opt/nri-seccomp/bin/nri-seccomp"
+    program = stage / exec_start.group(1).lstrip("/")
+    assert program.is_file() and os.access(program, os.X_OK)
+    if source == "bundle":
+        assert program.resolve() == stage / "opt/nri-seccomp/bundle/nri-seccomp"
+        assert not (stage / "opt/nri-seccomp/lib").exists()
+    else:
+        assert program.read_text().startswith("#!/usr/bin/python3")
+        assert not (stage / "opt/nri-seccomp/bundle").exists()
     # verify needs the executable where ExecStart says: point it at the staged tree
     staged = tmp_path / "nri-seccomp.service"
     staged.write_text(unit.replace("/opt/nri-seccomp/bin", f"{stage}/opt/nri-seccomp/bin"))
