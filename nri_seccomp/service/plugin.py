@@ -115,6 +115,15 @@ class SeccompPlugin:
             "carried" if caps.errno_ret_safe else "crashes the runtime (kept out)",
             "carried" if caps.keeps_default_errno else "dropped (materialised or refused)",
         )
+        legacy = [name for name, used in (
+            ("registry.insecure", bool(cfg.registry.insecure)),
+            ("registry.ca_file", cfg.registry.ca_file is not None),
+            ("registry.tls_verify: false", not cfg.registry.tls_verify)) if used]
+        if legacy:
+            # the node already says these things for its images, in one place
+            log.info("%s: applied to registries without a hosts.toml; containerd's "
+                     "hosts.toml (registry.config_path) is the node's own place for them "
+                     "(server = \"http://…\", ca, skip_verify)", ", ".join(legacy))
         if fetcher is not None:
             self._client = fetcher
         if self.services is None:
