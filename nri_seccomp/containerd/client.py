@@ -171,6 +171,8 @@ class ContainerdImages:
         self._closed = False
         #: when the current subscription was opened (monotonic), None while there is none
         self._subscribed_at: float | None = None
+        #: the last refusal of the subscription already logged (quiet until it changes)
+        self._refused_with: str | None = None
         #: the current subscription delivered an event: containerd registered it
         self._delivered = False
         #: bumped on every image event and every loss of the stream: a Get answered
@@ -282,6 +284,13 @@ class ContainerdImages:
                 elif self.names_trusted:
                     log.info("containerd's event stream broke (%s): image names are looked "
                              "up on every container until it is back", exc.code().name)
+                elif exc.code().name != self._refused_with:
+                    # refused before it ever worked (a filter containerd rejects, say):
+                    # once per kind of refusal, not at every retry
+                    self._refused_with = exc.code().name
+                    log.warning("containerd refused the image event stream (%s: %s): image "
+                                "names are looked up on every container", exc.code().name,
+                                quote_untrusted(exc.details() or ""))
             finally:
                 call.cancel()
                 if self.names_trusted:
@@ -293,6 +302,7 @@ class ContainerdImages:
 
     def _on_event(self, envelope: Any) -> None:
         self._delivered = True
+        self._refused_with = None
         self._generation += 1
         if envelope.namespace != self.namespace:
             return  # another namespace's images are other records (the filter says so too)

@@ -88,6 +88,10 @@ class AnnotationSource(Protocol):
 
     def aclose(self) -> Awaitable[None]: ...
 
+    def start(self) -> None:
+        """Begin background work that needs the event loop (called on it)."""
+        ...
+
 
 class ContainerdSource:
     """The pulled manifest, from containerd's content store (``containerd.client``).
@@ -111,9 +115,14 @@ class ContainerdSource:
             ID_FACTS_KEPT)
 
         # the name cache is only trusted once the subscription was live before a lookup:
-        # subscribing now (when a loop runs; else on the first lookup) lets the first
-        # containers fill it
+        # subscribing now (when a loop runs; else at start() or the first lookup) lets
+        # the first containers fill it
         client.watch_events()
+
+    def start(self) -> None:
+        # built in a thread at the first Configure, where no loop runs: subscribe here,
+        # before the first container, so its lookup already fills the name cache
+        self.client.watch_events()
 
     def key(self, image: Image) -> str | None:
         if image.digest:
@@ -202,6 +211,9 @@ class RegistrySource:
     def __init__(self, fetcher: ManifestSource) -> None:
         self.fetcher = fetcher
 
+    def start(self) -> None:
+        pass  # nothing runs in the background
+
     def key(self, image: Image) -> str | None:
         try:
             ref = reference.parse(image.name)
@@ -245,7 +257,12 @@ class ImageAnnotations:
         old, self._source = self._source, source
         self._known.clear()
         self._failed.clear()
+        source.start()
         return old
+
+    def start(self) -> None:
+        """Start the source's background work; on the event loop, once it runs."""
+        self._source.start()
 
     async def get(self, image: Image, deadline: float) -> dict[str, str]:
         """The annotations; ImageLookupError when they cannot be read, TimeoutError if late.
