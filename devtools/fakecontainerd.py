@@ -4,6 +4,15 @@ files, the image table is a JSON file re-read on every call) and count the calls
 plugin made in the server's call log.
 
     python -m devtools.fakecontainerd --root DIR --socket PATH [--namespace k8s.io]
+                                      [--no-events]
+
+Events/Subscribe streams the image events the test side publishes (``tag`` appends
+``/images/create`` or ``/images/update`` to ``events.jsonl``), from the moment of the
+subscription on, filtered as containerd filters them (``namespace==…``,
+``topic~=…``); ``drop_event_streams`` ends every open stream and may refuse new ones
+(UNAVAILABLE) until ``allow_event_streams``. ``--no-events`` serves no events service
+(UNIMPLEMENTED), as a containerd proxy that forwards images and content only might.
+Subscriptions are logged in ``subscriptions.log``, not in the call log.
 
 Like containerd: a call without ``containerd-namespace`` metadata fails
 (FAILED_PRECONDITION), an image or blob of another namespace is NOT_FOUND, and
@@ -18,6 +27,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -28,11 +38,14 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf import any_pb2
 
 from nri_seccomp.containerd.pb import (
     content_pb2,
     content_pb2_grpc,
     descriptor_pb2,
+    events_pb2,
+    events_pb2_grpc,
     images_pb2,
     images_pb2_grpc,
 )
@@ -45,6 +58,11 @@ OCI_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
 CHUNK = 256
 #: seconds Images/Get holds an image whose repository has a "hang" component
 HANG = 10.0
+#: seconds between two looks at the event file by an open stream
+EVENT_POLL = 0.01
+IMAGE_EVENTS = {"/images/create": events_pb2.ImageCreate,
+                "/images/update": events_pb2.ImageUpdate,
+                "/images/delete": events_pb2.ImageDelete}
 
 
 class _State:
@@ -140,9 +158,83 @@ class Content(content_pb2_grpc.ContentServicer):
             offset += len(piece)
 
 
-def serve(root: Path, socket: str, namespace: str) -> None:
+_CLAUSE = re.compile(r'^(namespace|topic)(==|~=)"?(.*?)"?$')
+
+
+def _matches(filters: list[str], namespace: str, topic: str) -> bool:
+    """containerd's filter semantics, for the fields events have: filters are OR-ed,
+    the comma-separated clauses of one are AND-ed; ``~=`` is a regular expression."""
+    if not filters:
+        return True
+    for one in filters:
+        fields = {"namespace": namespace, "topic": topic}
+        ok = True
+        for clause in one.split(","):
+            m = _CLAUSE.match(clause.strip())
+            if m is None:
+                ok = False
+                break
+            key, op, value = m.groups()
+            ok = fields[key] == value if op == "==" else re.search(value, fields[key]) is not None
+            if not ok:
+                break
+        if ok:
+            return True
+    return False
+
+
+class Events(events_pb2_grpc.EventsServicer):
+    def __init__(self, state: _State) -> None:
+        self.state = state
+
+    def Subscribe(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        root = self.state.root
+        with self.state.lock, (root / "subscriptions.log").open("a") as f:
+            f.write(";".join(request.filters) + "\n")
+        if (root / "events.refuse").exists():
+            context.abort(grpc.StatusCode.UNAVAILABLE, "events refused by the test")
+        generation = _read_int(root / "events.generation")
+        path = root / "events.jsonl"
+        # only what is published from now on, as containerd's exchange delivers
+        offset = path.stat().st_size if path.exists() else 0
+        while context.is_active() and _read_int(root / "events.generation") == generation:
+            if path.exists() and path.stat().st_size > offset:
+                with path.open("rb") as f:
+                    f.seek(offset)
+                    data = f.read()
+                complete = data[:data.rfind(b"\n") + 1]
+                offset += len(complete)
+                for line in complete.splitlines():
+                    event = json.loads(line)
+                    if _matches(list(request.filters), event["namespace"], event["topic"]):
+                        yield _envelope(event)
+            time.sleep(EVENT_POLL)
+
+
+def _read_int(path: Path) -> int:
+    try:
+        return int(path.read_text() or 0)
+    except FileNotFoundError:
+        return 0
+
+
+def _envelope(event: dict[str, Any]) -> Any:
+    if "raw" in event:  # a malformed event, as the test wrote it
+        value = bytes.fromhex(event["raw"])
+    else:
+        value = IMAGE_EVENTS[event["topic"]](name=event["name"]).SerializeToString()
+    type_url = "containerd.events." + event["topic"].rsplit("/", 1)[-1].capitalize()
+    return events_pb2.Envelope(namespace=event["namespace"], topic=event["topic"],
+                               event=any_pb2.Any(type_url=type_url, value=value))
+
+
+def serve(root: Path, socket: str, namespace: str, events: bool = True) -> None:
     state = _State(root, namespace)
-    server = grpc.server(futures.ThreadPoolExecutor(4))
+    # each open event stream holds a worker
+    server = grpc.server(futures.ThreadPoolExecutor(16))
+    if events:
+        events_pb2_grpc.add_EventsServicer_to_server(  # type: ignore[no-untyped-call]
+            Events(state), server)
     images_pb2_grpc.add_ImagesServicer_to_server(  # type: ignore[no-untyped-call]
         Images(state), server)
     content_pb2_grpc.add_ContentServicer_to_server(  # type: ignore[no-untyped-call]
@@ -158,8 +250,10 @@ def main() -> None:
     parser.add_argument("--root", required=True)
     parser.add_argument("--socket", required=True)
     parser.add_argument("--namespace", default="k8s.io")
+    parser.add_argument("--no-events", action="store_true",
+                        help="serve no events service (UNIMPLEMENTED)")
     args = parser.parse_args()
-    serve(Path(args.root), args.socket, args.namespace)
+    serve(Path(args.root), args.socket, args.namespace, events=not args.no_events)
 
 
 # ---- the test side -------------------------------------------------------------------
@@ -172,9 +266,10 @@ def digest_of(data: bytes) -> str:
 class FakeContainerd:
     """The server as a subprocess; blobs and images written by the test."""
 
-    def __init__(self, root: Path, namespace: str = "k8s.io") -> None:
+    def __init__(self, root: Path, namespace: str = "k8s.io", events: bool = True) -> None:
         self.root = root
         self.namespace = namespace
+        self.events = events
         (root / "blobs").mkdir(parents=True, exist_ok=True)
         # a short path: sun_path holds 108 bytes
         self.socket = str(root / "c.sock")
@@ -185,7 +280,8 @@ class FakeContainerd:
             os.unlink(self.socket)
         self._process = subprocess.Popen(
             [sys.executable, "-m", "devtools.fakecontainerd", "--root", str(self.root),
-             "--socket", self.socket, "--namespace", self.namespace],
+             "--socket", self.socket, "--namespace", self.namespace]
+            + ([] if self.events else ["--no-events"]),
             stdout=subprocess.PIPE, cwd=Path(__file__).resolve().parent.parent)
         assert self._process.stdout is not None
         line = self._process.stdout.readline()
@@ -264,10 +360,55 @@ class FakeContainerd:
         """Record image ``name`` (as containerd stores it) with this target."""
         path = self.root / "images.json"
         images = json.loads(path.read_text()) if path.exists() else {}
+        topic = "/images/update" if name in images else "/images/create"
         images[name] = {"mediaType": media_type, "digest": digest, "size": size}
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(images))
         tmp.replace(path)
+        # after the record, as containerd publishes once the change is committed
+        self.publish(topic, name)
+
+    def untag(self, name: str) -> None:
+        """Delete image record ``name`` (``/images/delete``)."""
+        path = self.root / "images.json"
+        images = json.loads(path.read_text()) if path.exists() else {}
+        images.pop(name, None)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(images))
+        tmp.replace(path)
+        self.publish("/images/delete", name)
+
+    # ---- events ----
+
+    def publish(self, topic: str, name: str = "", raw: bytes | None = None,
+                namespace: str | None = None) -> None:
+        """An event on every open stream; ``raw`` is the Any's value as is (malformed)."""
+        event: dict[str, Any] = {"namespace": namespace or self.namespace, "topic": topic,
+                                 "name": name}
+        if raw is not None:
+            event["raw"] = raw.hex()
+        with (self.root / "events.jsonl").open("a") as f:
+            f.write(json.dumps(event) + "\n")
+
+    def drop_event_streams(self, refuse: bool = False) -> None:
+        """End every open event stream (as a containerd restart does); with ``refuse``,
+        new subscriptions fail (UNAVAILABLE) until ``allow_event_streams``."""
+        if refuse:
+            (self.root / "events.refuse").touch()
+        path = self.root / "events.generation"
+        generation = int(path.read_text()) if path.exists() else 0
+        path.write_text(str(generation + 1))
+
+    def allow_event_streams(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (self.root / "events.refuse").unlink()
+
+    def subscriptions(self) -> list[str]:
+        """The filters of every Events/Subscribe received, one line each."""
+        try:
+            return (self.root / "subscriptions.log").read_text().splitlines()
+        except FileNotFoundError:
+            return []
 
     # ---- what the plugin asked ----
 

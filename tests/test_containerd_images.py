@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -161,27 +161,206 @@ def test_by_digest_costs_no_image_call_and_a_seen_image_no_call(
     assert containerd.calls() == [f"Content/Read {digest}"]  # once, never Images/Get
 
 
+NGINX = "docker.io/library/nginx:1.27"
+#: settle time of the subscriptions in these tests: short, they wait for it anyway
+SETTLE = 0.1
+
+
+async def until(check: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Poll ``check`` until it holds; fail the test after ``timeout`` seconds."""
+    end = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < end, "timed out"
+        await asyncio.sleep(0.01)
+
+
+def watched(server: FakeContainerd) -> tuple[ContainerdImages, ImageAnnotations]:
+    client = ContainerdImages(server.socket, "k8s.io", NODE, events_settle=SETTLE)
+    return client, ImageAnnotations(ContainerdSource(client))
+
+
+async def get(images: ImageAnnotations, name: str) -> dict[str, str]:
+    return await images.get(Image(name), time.monotonic() + 5)
+
+
+def gets(server: FakeContainerd) -> int:
+    return sum(c.startswith("Images/Get") for c in server.calls())
+
+
 @integration
-def test_by_name_a_seen_image_costs_one_images_get_and_no_read(
+def test_by_name_a_seen_image_costs_no_call_while_events_are_live(
         containerd: FakeContainerd) -> None:
     digest, size = containerd.add_manifest({})
-    containerd.tag("docker.io/library/nginx:1.27", digest, size)
-    client = ContainerdImages(containerd.socket, "k8s.io", NODE)
+    containerd.tag(NGINX, digest, size)
+    client, images = watched(containerd)
+
+    async def go() -> None:
+        try:
+            client.watch_events()
+            await until(lambda: client.names_trusted)
+            for _ in range(3):
+                assert await get(images, "nginx:1.27") == {}
+        finally:
+            await client.aclose()
+
+    asyncio.run(go())
+    # the event stream says when the name moves: asked once, the manifest read once
+    assert containerd.calls() == [f"Images/Get {NGINX}", f"Content/Read {digest}"]
+    assert containerd.subscriptions() == ['namespace=="k8s.io",topic~="^/images/"']
+
+
+@integration
+def test_by_name_before_the_subscription_settles_costs_one_images_get_each(
+        containerd: FakeContainerd) -> None:
+    """A lookup sent before the subscription is trusted may miss an event that came
+    between its answer and the subscription: it is not remembered."""
+    digest, size = containerd.add_manifest({})
+    containerd.tag(NGINX, digest, size)
+    client = ContainerdImages(containerd.socket, "k8s.io", NODE, events_settle=60)
     images = ImageAnnotations(ContainerdSource(client))
 
     async def go() -> None:
         try:
             for _ in range(3):
-                assert await images.get(Image("nginx:1.27"), time.monotonic() + 5) == {}
+                assert await get(images, "nginx:1.27") == {}
         finally:
             await client.aclose()
 
     asyncio.run(go())
-    # the name is asked each time (a re-pull may move it), the manifest is read once
-    assert containerd.calls() == ["Images/Get docker.io/library/nginx:1.27",
-                                  f"Content/Read {digest}",
-                                  "Images/Get docker.io/library/nginx:1.27",
-                                  "Images/Get docker.io/library/nginx:1.27"]
+    assert containerd.calls() == [f"Images/Get {NGINX}", f"Content/Read {digest}",
+                                  f"Images/Get {NGINX}", f"Images/Get {NGINX}"]
+
+
+@integration
+def test_an_image_event_moves_the_name(containerd: FakeContainerd) -> None:
+    """Re-tagged in containerd (/images/update): the next container sees the new
+    manifest's annotations; deleted (/images/delete): not found."""
+    first, size = containerd.add_manifest({KEY_V1: "r.example/p/one:1"}, seed="1")
+    containerd.tag(NGINX, first, size)
+    client, images = watched(containerd)
+
+    async def go() -> None:
+        try:
+            client.watch_events()
+            await until(lambda: client.names_trusted)
+            assert await get(images, "nginx:1.27") == {KEY_V1: "r.example/p/one:1"}
+            assert await get(images, "nginx:1.27") == {KEY_V1: "r.example/p/one:1"}
+            assert gets(containerd) == 1
+            second, size2 = containerd.add_manifest({KEY_V1: "r.example/p/two:1"}, seed="2")
+            containerd.tag(NGINX, second, size2)  # the node re-pulled: /images/update
+            await until(lambda: client.cached_target("nginx:1.27") is None)
+            assert await get(images, "nginx:1.27") == {KEY_V1: "r.example/p/two:1"}
+            assert await get(images, "nginx:1.27") == {KEY_V1: "r.example/p/two:1"}
+            assert gets(containerd) == 2
+            containerd.untag(NGINX)  # /images/delete
+            await until(lambda: client.cached_target("nginx:1.27") is None)
+            with pytest.raises(ImageLookupError, match="not found in containerd"):
+                await get(images, "nginx:1.27")
+        finally:
+            await client.aclose()
+
+    asyncio.run(go())
+
+
+@integration
+@pytest.mark.parametrize("raw_topic", [("/images/update", b"\xff\xff\xff"),
+                                       ("/images/update", b""),
+                                       ("/images/retag", b"")],
+                         ids=["undecodable", "no name", "unknown image topic"])
+def test_a_malformed_image_event_drops_every_name(containerd: FakeContainerd,
+                                                  raw_topic: tuple[str, bytes]) -> None:
+    digest, size = containerd.add_manifest({})
+    containerd.tag(NGINX, digest, size)
+    client, images = watched(containerd)
+
+    async def go() -> None:
+        try:
+            client.watch_events()
+            await until(lambda: client.names_trusted)
+            await get(images, "nginx:1.27")
+            assert client.cached_target("nginx:1.27") == digest
+            containerd.publish(raw_topic[0], raw=raw_topic[1])
+            await until(lambda: client.cached_target("nginx:1.27") is None)
+            assert client.names_trusted  # the stream itself is fine
+        finally:
+            await client.aclose()
+
+    asyncio.run(go())
+
+
+async def reconnected(client: ContainerdImages) -> None:
+    """Until the channel reaches the (restarted) server: a lookup fails meanwhile."""
+    end = time.monotonic() + 5
+    while True:
+        try:
+            await client.target("nginx:1.27", time.monotonic() + 5)
+            return
+        except ContainerdError:
+            assert time.monotonic() < end, "not reconnected"
+            await asyncio.sleep(0.05)
+
+
+@integration
+@pytest.mark.parametrize("how", ["stream ended", "containerd restarted"])
+def test_a_broken_event_stream_asks_every_time_until_resubscribed(
+        containerd: FakeContainerd, how: str) -> None:
+    digest, size = containerd.add_manifest({})
+    containerd.tag(NGINX, digest, size)
+    client, images = watched(containerd)
+
+    async def go() -> None:
+        try:
+            client.watch_events()
+            await until(lambda: client.names_trusted)
+            await get(images, "nginx:1.27")
+            await get(images, "nginx:1.27")
+            assert gets(containerd) == 1
+            # new subscriptions are refused until the test allows them again
+            containerd.drop_event_streams(refuse=True)
+            if how == "containerd restarted":
+                await asyncio.to_thread(containerd.stop)
+                await asyncio.to_thread(containerd.start)
+            await until(lambda: not client.names_trusted)
+            assert client.cached_target("nginx:1.27") is None
+            await reconnected(client)
+            before = gets(containerd)
+            for _ in range(3):
+                await get(images, "nginx:1.27")
+            assert gets(containerd) == before + 3  # one each while there is no stream
+            containerd.allow_event_streams()
+            await until(lambda: client.names_trusted)  # re-subscribed (back-off)
+            for _ in range(3):
+                await get(images, "nginx:1.27")
+            assert gets(containerd) == before + 4  # remembered again
+        finally:
+            await client.aclose()
+
+    asyncio.run(go())
+    assert len(containerd.subscriptions()) >= 2
+
+
+@integration
+def test_without_an_events_service_every_lookup_by_name_asks(tmp_path: Path) -> None:
+    """A containerd (or a proxy) without Events/Subscribe: today's behaviour, one
+    Images/Get per container, and the manifest read once."""
+    with FakeContainerd(tmp_path / "ctrd", events=False) as server:
+        digest, size = server.add_manifest({})
+        server.tag(NGINX, digest, size)
+        client, images = watched(server)
+
+        async def go() -> None:
+            try:
+                client.watch_events()
+                await asyncio.sleep(SETTLE * 3)
+                assert not client.names_trusted
+                for _ in range(3):
+                    assert await get(images, "nginx:1.27") == {}
+            finally:
+                await client.aclose()
+
+        asyncio.run(go())
+        assert server.calls() == [f"Images/Get {NGINX}", f"Content/Read {digest}",
+                                  f"Images/Get {NGINX}", f"Images/Get {NGINX}"]
 
 
 @integration

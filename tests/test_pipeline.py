@@ -317,6 +317,31 @@ def test_image_by_digest_seen_once_costs_no_call(
     assert calls_for(containerd, other) == 0
 
 
+def test_image_by_name_seen_once_costs_no_call_from_the_first_container(
+        registry: LocalRegistry, containerd: FakeContainerd, tmp_path: Path) -> None:
+    """containerd <= 2.3 sends only the kubelet's image name: the plugin subscribes to
+    containerd's image events when it is configured, so the first container's lookup
+    already fills the name cache and the next ones cost no gRPC call."""
+    reg = registry.address
+    digest, size = containerd.add_manifest({f"{KEY_V1}/app": f"{reg}/crio/profile:v1"},
+                                           seed="by-name-seen")
+    containerd.tag(f"{reg}/app/seen:1", digest, size)
+    registry.push_profile("crio/profile", "v1", json.dumps(PROFILE).encode())
+
+    async def scenario() -> list[driver.CreateResult]:
+        config = base_config(tmp_path / "cache", registry.address,
+                             f"containerd_socket: {containerd.socket}\n")
+        async with plugin(config) as s:
+            await asyncio.sleep(0.8)  # the subscription settles (0.5 s) before any pod
+            return [await s.conn.create_container(pod(), container(
+                "app", image=f"{reg}/app/seen:1")) for _ in range(3)]
+
+    before = calls_for(containerd, "app/seen", digest)
+    results = run(scenario())
+    assert all(r.error is None and r.seccomp == expected_seccomp() for r in results), results
+    assert calls_for(containerd, "app/seen", digest) - before == 2  # one Get, one Read
+
+
 @pytest.mark.parametrize(("on_error", "socket"), [
     ("default", "up"), ("default", "down"), ("ignore", "up"), ("ignore", "down")])
 def test_unreadable_image_annotations_fail_closed(

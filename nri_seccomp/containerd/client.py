@@ -16,6 +16,19 @@ there, the way ``ctr`` does, over containerd's socket:
   (its image source for a list resolves to the instance), so an annotation on the
   index only does not select a profile there either.
 
+An image given by name costs no call once seen, as long as containerd's event stream
+says when names move: a background task subscribes to ``Events/Subscribe`` for the
+image topics (``/images/create``, ``/images/update``, ``/images/delete``) of the
+namespace, and every image event drops its name from a bounded name → target cache.
+The cache is *trusted* (read and filled) only while that subscription is live and has
+been for ``events_settle`` seconds or has delivered an event (containerd sends no
+headers before its first event, so nothing else tells that its exchange registered
+us); a fill counts only when the ``Images/Get`` started while trusted, and no event
+and no loss of the stream came while it was answered. A broken stream empties the
+cache and distrusts it until re-subscribed (back-off, at most ``EVENTS_BACKOFF_MAX``);
+a containerd without the events service leaves every lookup by name to
+``Images/Get``, as before.
+
 Every call carries the ``containerd-namespace`` metadata (``k8s.io`` for CRI images)
 and the time left before the caller's deadline. Errors say what failed in fixed
 words; containerd's own text is quoted short. An unreachable socket says why in fixed
@@ -25,6 +38,9 @@ else quotes the end of gRPC's text, where its cause is.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import os
 import re
 import stat
@@ -33,13 +49,22 @@ from typing import Any
 
 import grpc
 import grpc.aio
+from google.protobuf.message import DecodeError
 
 from nri_seccomp import digest as digest_mod
 from nri_seccomp.bounded import quote_untrusted, quote_untrusted_tail
 from nri_seccomp.containerd import platform
-from nri_seccomp.containerd.pb import content_pb2, content_pb2_grpc, images_pb2, images_pb2_grpc
+from nri_seccomp.containerd.pb import (
+    content_pb2,
+    content_pb2_grpc,
+    events_pb2,
+    events_pb2_grpc,
+    images_pb2,
+    images_pb2_grpc,
+)
 from nri_seccomp.decide import reference
 from nri_seccomp.errors import NriSeccompError
+from nri_seccomp.memo import BoundedMap
 from nri_seccomp.registry.artifact import (
     DOCKER_LIST,
     DOCKER_MANIFEST,
@@ -55,6 +80,29 @@ DEFAULT_SOCKET = "/run/containerd/containerd.sock"
 DEFAULT_NAMESPACE = "k8s.io"
 NAMESPACE_HEADER = "containerd-namespace"
 _IMAGE_ID = re.compile(r"sha256:[a-f0-9]{64}")
+#: names whose image target is remembered while the event stream is trusted
+NAMES_KEPT = 1024
+#: seconds a fresh subscription must stay open before it is trusted (see the module doc)
+EVENTS_SETTLE = 0.5
+#: re-subscription back-off, seconds: first, and the bound it doubles up to
+EVENTS_BACKOFF = 0.1
+EVENTS_BACKOFF_MAX = 5.0
+#: a containerd without the events service is asked again this rarely (it may be upgraded)
+EVENTS_UNIMPLEMENTED_RETRY = 300.0
+#: an image name longer than this in an event is malformed (containerd's own limit is
+#: lower); the whole cache is dropped rather than guessing which entry it meant
+MAX_EVENT_NAME = 4096
+#: bytes of one event envelope accepted (image events carry a name and labels)
+MAX_EVENT_BYTES = 256 * 1024
+#: seconds between two log lines about malformed events
+MALFORMED_LOG_EVERY = 60.0
+IMAGE_TOPICS = {
+    "/images/create": events_pb2.ImageCreate,
+    "/images/update": events_pb2.ImageUpdate,
+    "/images/delete": events_pb2.ImageDelete,
+}
+
+log = logging.getLogger(__name__)
 
 
 class ContainerdError(NriSeccompError):
@@ -106,14 +154,32 @@ class ContainerdImages:
 
     def __init__(self, socket: str = DEFAULT_SOCKET, namespace: str = DEFAULT_NAMESPACE,
                  node: platform.Platform | None = None,
-                 max_bytes: int = MAX_IMAGE_MANIFEST) -> None:
+                 max_bytes: int = MAX_IMAGE_MANIFEST,
+                 events_settle: float = EVENTS_SETTLE) -> None:
         self.socket = socket
         self.namespace = namespace
         self.node = node or platform.node_platform()
         self.max_bytes = max_bytes
+        self.events_settle = events_settle
         self._channel: grpc.aio.Channel | None = None
         self._images: Any = None
         self._content: Any = None
+        self._events: Any = None
+        #: store name → target digest; only read or filled while ``names_trusted``
+        self._names: BoundedMap[str, str] = BoundedMap(NAMES_KEPT)
+        self._watch: asyncio.Task[None] | None = None
+        self._closed = False
+        #: when the current subscription was opened (monotonic), None while there is none
+        self._subscribed_at: float | None = None
+        #: the last refusal of the subscription already logged (quiet until it changes)
+        self._refused_with: str | None = None
+        #: the current subscription delivered an event: containerd registered it
+        self._delivered = False
+        #: bumped on every image event and every loss of the stream: a Get answered
+        #: across a bump may have read a name an event has since moved
+        self._generation = 0
+        self._malformed = 0
+        self._malformed_logged = 0.0
 
     def _stubs(self) -> tuple[Any, Any]:
         if self._channel is None:
@@ -131,12 +197,145 @@ class ContainerdImages:
             )
             self._images = images_pb2_grpc.ImagesStub(self._channel)  # type: ignore[no-untyped-call]
             self._content = content_pb2_grpc.ContentStub(self._channel)  # type: ignore[no-untyped-call]
+            self._events = events_pb2_grpc.EventsStub(self._channel)  # type: ignore[no-untyped-call]
         return self._images, self._content
 
     async def aclose(self) -> None:
+        self._closed = True
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
+        self._distrust()
         channel, self._channel = self._channel, None
         if channel is not None:
             await channel.close()
+
+    # ---- the event stream and the name cache ----
+
+    def watch_events(self) -> None:
+        """Start the event subscription (once; needs a running loop, else a no-op that
+        the next lookup repeats)."""
+        if self._watch is not None or self._closed:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._watch = loop.create_task(self._watch_loop(), name="containerd image events")
+
+    @property
+    def names_trusted(self) -> bool:
+        """Whether the name cache may be read and filled now (see the module doc)."""
+        since = self._subscribed_at
+        return since is not None and (
+            self._delivered or time.monotonic() - since >= self.events_settle)
+
+    def cached_target(self, name: str) -> str | None:
+        """The target digest remembered for ``name`` (as the kubelet gave it), if the
+        name cache is trusted; no I/O."""
+        if not self.names_trusted or _IMAGE_ID.fullmatch(name):
+            return None
+        try:
+            return self._names.get(store_name(name))
+        except reference.ReferenceError:
+            return None
+
+    def _distrust(self) -> None:
+        self._subscribed_at = None
+        self._delivered = False
+        self._generation += 1
+        self._names.clear()
+
+    def _filters(self) -> list[str]:
+        # a namespace name is [A-Za-z0-9._-] (containerd validates it): quoting is plain
+        return [f'namespace=="{self.namespace}",topic~="^/images/"']
+
+    async def _watch_loop(self) -> None:
+        backoff = EVENTS_BACKOFF
+        while not self._closed:
+            self._stubs()
+            assert self._channel is not None
+            # the settle time counts from a request sent on a connected channel, not
+            # from a connection attempt that may take longer than it. (The call cannot
+            # tell when it was sent: gRPC's Python client waits for the server's headers,
+            # which containerd sends with its first event only.) The channel reconnects
+            # with its own bounded back-off meanwhile.
+            await self._channel.channel_ready()
+            call = self._events.Subscribe(
+                events_pb2.SubscribeRequest(filters=self._filters()),
+                metadata=self._metadata())
+            self._subscribed_at = time.monotonic()
+            self._delivered = False
+            retry = backoff
+            try:
+                async for envelope in call:
+                    self._on_event(envelope)
+                    backoff = EVENTS_BACKOFF  # a working stream: the next loss starts over
+                if self.names_trusted:  # once per trusted stream: a flapping one is quiet
+                    log.info("containerd's event stream ended: image names are looked up "
+                             "on every container until it is back")
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    log.info("containerd at %s serves no event stream: every container "
+                             "started by image name costs one Images/Get", self.socket)
+                    retry = EVENTS_UNIMPLEMENTED_RETRY
+                elif self.names_trusted:
+                    log.info("containerd's event stream broke (%s): image names are looked "
+                             "up on every container until it is back", exc.code().name)
+                elif exc.code().name != self._refused_with:
+                    # refused before it ever worked (a filter containerd rejects, say):
+                    # once per kind of refusal, not at every retry
+                    self._refused_with = exc.code().name
+                    log.warning("containerd refused the image event stream (%s: %s): image "
+                                "names are looked up on every container", exc.code().name,
+                                quote_untrusted(exc.details() or ""))
+            finally:
+                call.cancel()
+                if self.names_trusted:
+                    backoff = EVENTS_BACKOFF  # it worked: the next attempt starts soon
+                    retry = min(retry, backoff)
+                self._distrust()
+            await asyncio.sleep(retry)
+            backoff = min(backoff * 2, EVENTS_BACKOFF_MAX)
+
+    def _on_event(self, envelope: Any) -> None:
+        self._delivered = True
+        self._refused_with = None
+        self._generation += 1
+        if envelope.namespace != self.namespace:
+            return  # another namespace's images are other records (the filter says so too)
+        kind = IMAGE_TOPICS.get(envelope.topic)
+        if kind is None:
+            if envelope.topic.startswith("/images/"):
+                # an image event this plugin does not know: which name moved is unknown
+                self._malformed_event("unknown image topic", envelope.topic)
+            return
+        event = kind()
+        try:
+            if envelope.ByteSize() > MAX_EVENT_BYTES:
+                raise ValueError("too large")
+            event.ParseFromString(envelope.event.value)
+        except (DecodeError, ValueError):
+            self._malformed_event("undecodable event", envelope.topic)
+            return
+        name = event.name
+        if not name or len(name) > MAX_EVENT_NAME:
+            self._malformed_event("no usable image name", envelope.topic)
+            return
+        self._names.pop(name)
+
+    def _malformed_event(self, what: str, topic: str) -> None:
+        """Drop every name (the event may have meant any) and say so, rarely."""
+        self._names.clear()
+        self._malformed += 1
+        now = time.monotonic()
+        if now - self._malformed_logged >= MALFORMED_LOG_EVERY:
+            self._malformed_logged = now
+            log.warning("containerd image event with %s (topic %s; %d so far): every "
+                        "remembered image name dropped", what, quote_untrusted(topic, 60),
+                        self._malformed)
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         return ((NAMESPACE_HEADER, self.namespace),)
@@ -194,6 +393,10 @@ class ContainerdImages:
         except reference.ReferenceError as exc:
             raise ContainerdError(f"image name {exc.value!r} {exc.problem}") from None
         images, _ = self._stubs()
+        self.watch_events()
+        # a fill counts only if the subscription was trusted before the Get was sent, and
+        # nothing (an image event, a lost stream) came before its answer is stored
+        generation = self._generation if self.names_trusted else None
         try:
             response = await images.Get(images_pb2.GetImageRequest(name=stored),
                                         timeout=self._timeout(deadline),
@@ -204,6 +407,9 @@ class ContainerdImages:
         if not digest_mod.is_valid(digest):
             raise ContainerdError(f"image {stored} has an invalid target digest "
                                   f"{quote_untrusted(digest)}")
+        if (generation is not None and generation == self._generation
+                and self.names_trusted and not _IMAGE_ID.fullmatch(stored)):
+            self._names.put(stored, str(digest))
         return str(digest)
 
     async def image_targets(self, deadline: float) -> dict[str, list[str]]:

@@ -5,10 +5,11 @@ Two sources, chosen by ``image_annotations_source``:
 - ``containerd`` (the default): the manifest containerd pulled, read from its
   content store (``containerd.client``), as CRI-O reads the pulled manifest from
   local storage. Known by digest: when the runtime sends ``Container.image.digest``
-  (containerd 2.4+) an image seen once costs no call at all; otherwise one
-  ``Images/Get`` per container finds the digest the name points to *now* (a name is
-  not an identity: the node may have pulled a moved tag), and the manifest reads
-  are cached by that digest.
+  (containerd 2.4+) an image seen once costs no call at all; otherwise the digest
+  the name points to *now* (a name is not an identity: the node may have pulled a
+  moved tag) is remembered while containerd's image event stream is live, which
+  says when a name moves, and asked with one ``Images/Get`` per container while it
+  is not (``containerd.client``). The manifest reads are cached by that digest.
 - ``registry`` (opt-in, for runtimes without a reachable content store): the
   manifest the image's registry serves now, under ``registry.allowed``, cached by
   reference. It may differ from what the node runs when a tag moved.
@@ -87,6 +88,10 @@ class AnnotationSource(Protocol):
 
     def aclose(self) -> Awaitable[None]: ...
 
+    def start(self) -> None:
+        """Begin background work that needs the event loop (called on it)."""
+        ...
+
 
 class ContainerdSource:
     """The pulled manifest, from containerd's content store (``containerd.client``).
@@ -109,8 +114,21 @@ class ContainerdSource:
         self._facts: BoundedMap[str, tuple[str | None, dict[str, str]]] = BoundedMap(
             ID_FACTS_KEPT)
 
+        # the name cache is only trusted once the subscription was live before a lookup:
+        # subscribing now (when a loop runs; else at start() or the first lookup) lets
+        # the first containers fill it
+        client.watch_events()
+
+    def start(self) -> None:
+        # built in a thread at the first Configure, where no loop runs: subscribe here,
+        # before the first container, so its lookup already fills the name cache
+        self.client.watch_events()
+
     def key(self, image: Image) -> str | None:
-        return image.digest or None
+        if image.digest:
+            return image.digest
+        # an image by name: its target, if containerd's events vouch it has not moved
+        return self.client.cached_target(image.name)
 
     async def resolve(self, image: Image, deadline: float) -> str:
         try:
@@ -193,6 +211,9 @@ class RegistrySource:
     def __init__(self, fetcher: ManifestSource) -> None:
         self.fetcher = fetcher
 
+    def start(self) -> None:
+        pass  # nothing runs in the background
+
     def key(self, image: Image) -> str | None:
         try:
             ref = reference.parse(image.name)
@@ -236,7 +257,12 @@ class ImageAnnotations:
         old, self._source = self._source, source
         self._known.clear()
         self._failed.clear()
+        source.start()
         return old
+
+    def start(self) -> None:
+        """Start the source's background work; on the event loop, once it runs."""
+        self._source.start()
 
     async def get(self, image: Image, deadline: float) -> dict[str, str]:
         """The annotations; ImageLookupError when they cannot be read, TimeoutError if late.
@@ -249,7 +275,8 @@ class ImageAnnotations:
         except NotLooked:
             return {}
         if key is None:
-            # by name: what the name points to now, one call, never cached
+            # by name, not vouched for by containerd's events: what the name points to
+            # now, one call
             key = await self._in_lane(self._names, f"name {image.name}",
                                       lambda: source.resolve(image, time.monotonic()
                                                              + FETCH_BUDGET), deadline)

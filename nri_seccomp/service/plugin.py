@@ -131,6 +131,7 @@ class SeccompPlugin:
             # the worker pool's fork server and the disk cache's scan take a while:
             # off the event loop
             self.services = await asyncio.to_thread(wiring.services, cfg, fetcher)
+            self.services.images.start()
         else:
             if fetcher is not None:
                 old = self.services.store.set_fetcher(fetcher, cfg.registry.background_total)
