@@ -41,6 +41,7 @@ def make_root(bundle: Path, root: Path) -> set[str]:
     (root / "tmp").mkdir(mode=0o1777)
     (root / "dev/shm").mkdir(parents=True)
     (root / "dev/null").touch()
+    (root / "dev/urandom").touch()
     (root / "proc").mkdir()
     return libs
 
@@ -48,11 +49,13 @@ def make_root(bundle: Path, root: Path) -> set[str]:
 def in_root(root: Path) -> list[str]:
     """chroot into ``root`` with what every node (and container) has: /proc (glibc's
     fchmodat without following links reads /proc/self/fd), /dev/shm (multiprocessing's
-    semaphores, which the worker pool uses, live there) and /dev/null; mounted in a
-    private mount namespace, so they go away with the process."""
+    semaphores, which the worker pool uses, live there), /dev/null and /dev/urandom
+    (gRPC's seed, once the containerd client connects); mounted in a private mount
+    namespace, so they go away with the process."""
     return ["unshare", "-m", "--propagation", "private", "sh", "-c",
             f'mount -t tmpfs -o mode=1777 shm "{root}/dev/shm" && '
             f'mount --bind /dev/null "{root}/dev/null" && '
+            f'mount --bind /dev/urandom "{root}/dev/urandom" && '
             f'mount -t proc proc "{root}/proc" && '
             f'exec chroot "{root}" /bundle/nri-seccomp']
 
