@@ -139,6 +139,8 @@ class LazySeccompPlugin:
             deadline)
         if self._configured is None and self._setup is not None and self._setup.done():
             self._configured = real
+            # set up: the stub calls the seccomp plugin's handler itself from now on
+            self.__dict__["create_container"] = real.create_container
         return await real.create_container(pod, container, deadline)
 
     async def on_disconnect(self) -> None:

@@ -82,7 +82,10 @@ def resolve(
     return None
 
 
+@functools.lru_cache(maxsize=256)
 def _match(source: str, key: str, value: str, container_name: str) -> Match:
+    """The same few annotations come with every container: built once (a hostile value
+    raises, and exceptions are not cached; at most 256 times MAX_VALUE characters kept)."""
     # screened before it reaches any log line, so a newline cannot forge one
     check_value(key, value)
     return Match(value, key, source, _log_line(source, key, value, container_name))

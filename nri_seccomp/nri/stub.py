@@ -476,7 +476,10 @@ class Stub:
                 if call.deadline is not None:
                     deadline = min(deadline, call.deadline)
                 with _refusals_as_status():
-                    adjust = await handler(req.pod, req.container, deadline)
+                    # looked up per call: a plugin may hand over to another object once
+                    # it is set up (lazy.LazySeccompPlugin), saving a layer per request
+                    adjust = await self.plugin.create_container(  # type: ignore[attr-defined]
+                        req.pod, req.container, deadline)
                 if adjust is None:
                     return b""
                 if isinstance(adjust, bytes):
