@@ -388,18 +388,24 @@ class Cache:
         hexd = digest[7:]
         path = self._blob_dir / hexd
         tmp: Path | None = None
-        if not self._holds(path, data):
-            tmp = self._write_temp(path, data)
-        with self._lock:
-            if tmp is not None:
-                try:
-                    os.replace(tmp, path)
-                except OSError as exc:
-                    with contextlib.suppress(OSError):
-                        tmp.unlink()
-                    raise CacheWriteError(f"cannot write {path}: {_why(exc)}") from exc
-            self._blobs[hexd] = _Blob(len(data), time.time())
-            index_changed = self._evict_locked(keep=hexd)
+        while True:
+            if tmp is None and not self._holds(path, data):
+                tmp = self._write_temp(path, data)
+            with self._lock:
+                # another thread may have evicted the copy we found since we looked:
+                # counting it would leave total_bytes above what is on disk
+                if tmp is None and not os.path.exists(path):
+                    continue
+                if tmp is not None:
+                    try:
+                        os.replace(tmp, path)
+                    except OSError as exc:
+                        with contextlib.suppress(OSError):
+                            tmp.unlink()
+                        raise CacheWriteError(f"cannot write {path}: {_why(exc)}") from exc
+                self._blobs[hexd] = _Blob(len(data), time.time())
+                index_changed = self._evict_locked(keep=hexd)
+                break
         if tmp is not None:
             self._fsync_dir(path)
         else:
