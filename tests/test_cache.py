@@ -521,3 +521,26 @@ def test_index_is_bounded_and_forgets_blobs_with_their_references(tmp_path: Path
     index = json.loads((tmp_path / "c" / "index.json").read_text())
     assert sorted(index) == [f"r.example/a/p{i}:1" for i in (2, 3, 4)]
     assert len(list((tmp_path / "c" / "blobs" / "sha256").iterdir())) == 3
+
+
+def test_a_copy_evicted_after_it_was_found_is_written_again(tmp_path: Path) -> None:
+    """put_blob finds the blob on disk; before it counts it, another thread evicts it:
+    the blob is written again, and what is counted is what is on disk."""
+    cache = Cache(tmp_path, max_bytes=64 * 1024)
+    data = b"p" * 5000
+    digest = digest_mod.sha256(data)
+    cache.put_blob(data, digest)
+    found_before = cache._holds
+    evicted: list[bool] = []
+
+    def found_then_evicted(path: Path, blob: bytes) -> bool:
+        found = found_before(path, blob)
+        if found and not evicted:
+            path.unlink()  # what another thread's eviction does, between look and count
+            evicted.append(True)
+        return found
+
+    cache._holds = found_then_evicted  # type: ignore[method-assign]
+    cache.put_blob(data, digest)
+    assert evicted and cache.get_blob(digest) == data
+    assert sum(p.stat().st_size for p in _blobs(tmp_path)) == cache.total_bytes == len(data)
