@@ -127,3 +127,44 @@ def test_rotating_file_counts_what_it_writes(tmp_path: Path) -> None:
     assert "record 299 " in path.read_text()
     # whole lines only: every file starts with a time stamp
     assert all(LINE.match((tmp_path / f).read_text().splitlines()[0]) for f in files)
+
+
+def test_lines_from_the_loop_and_from_threads_are_each_written_once(only_handler) -> None:
+    """The loop's thread adds decision lines without the handler's lock while other
+    threads log records (and write at once): no line is lost or written twice."""
+    _, stream = only_handler
+    log = logging.getLogger("nri_seccomp.test_logline")
+    n = 2000
+
+    def worker(k: int) -> None:
+        for i in range(n):
+            log.info("thread %d record %d", k, i)
+
+    async def loop_lines() -> None:
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(3)]
+        for t in threads:
+            t.start()
+        for i in range(n):
+            logline.decision(log, f"loop {i}", "decision ")
+            if i % 16 == 15:
+                await asyncio.sleep(0)
+        for t in threads:
+            t.join()
+        await asyncio.sleep(0)
+
+    asyncio.run(loop_lines())
+    lines = stream.getvalue().splitlines()
+    assert all(LINE.match(line) for line in lines)
+    bodies = [line.split(": ", 1)[1] for line in lines]
+    assert sorted(bodies) == sorted([f"decision loop {i}" for i in range(n)]
+                                    + [f"thread {k} record {i}" for k in range(3)
+                                       for i in range(n)])
+    # the loop's own lines keep their order
+    mine = [b for b in bodies if b.startswith("decision")]
+    assert mine == [f"decision loop {i}" for i in range(n)]
+
+
+def test_clean_head_is_trusted_and_the_rest_is_cleaned(only_handler) -> None:
+    handler, _ = only_handler
+    text = handler.line("INFO", "nri_seccomp.x", "pod\nname", "fixed part: ")
+    assert text.endswith("INFO nri_seccomp.x: fixed part: pod\\nname")
