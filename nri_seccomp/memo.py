@@ -42,15 +42,16 @@ class BoundedMap(Generic[K, V]):
         self.total_bytes = 0
 
     def get(self, key: K) -> V | None:
-        item = self._items.get(key)
+        items = self._items
+        item = items.get(key)
         if item is None:
             return None
-        value, _, expires = item
+        expires = item[2]
         if expires is not None and time.monotonic() >= expires:
             self.pop(key)
             return None
-        self._items.move_to_end(key)
-        return value
+        items.move_to_end(key)
+        return item[0]
 
     def put(self, key: K, value: V, ttl: float | None = None) -> None:
         self.pop(key)

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from nri_seccomp import config, wiring
-from nri_seccomp.decide import runtimes
+from nri_seccomp.decide import resolver, runtimes
 from nri_seccomp.decide.resolver import KEY_V1, KEY_V2
 from nri_seccomp.errors import Kind, Refusal
 from nri_seccomp.nri.pb import nri_pb2
@@ -37,6 +37,7 @@ def handler(caps: runtimes.RuntimeCaps, registry: FakeRegistry,
     plugin = SeccompPlugin()
     plugin.config = cfg or config.Config()
     plugin.caps = caps
+    plugin.policy_changed()
     store = ProfileStore(registry, FakeDisk(), None, InlineWorkers(),  # type: ignore[arg-type]
                          wiring.store_settings(plugin.config), NODE)
     images = ImageAnnotations(RegistrySource(registry))
@@ -230,7 +231,7 @@ def test_translation_stopped_at_the_wall_clock_is_not_kept() -> None:
 
 
 def test_cached_path_answers_from_memory_while_the_store_would() -> None:
-    """The answer is remembered per annotation value for as long as the store would serve
+    """The answer is remembered per deciding annotation for as long as the store would serve
     it from memory (a tag: tag_ttl), and forgotten when the runtime reconnects or
     configures again, after which the allow-list is asked again."""
     reg = FakeRegistry({REF: PROFILE})
@@ -242,7 +243,9 @@ def test_cached_path_answers_from_memory_while_the_store_would() -> None:
         for _ in range(3):
             assert await plugin.create_container(p, ctr(), time.monotonic() + 2) is not None
             fetches.append(len([c for c in reg.calls if not c.startswith("image")]))
-        assert REF in plugin._hot
+        # remembered under the deciding annotation (its key and value)
+        found = resolver.resolve(p.annotations, ctr().name)
+        assert found is not None and found.log_line in plugin._hot
         await asyncio.sleep(0.4)  # past tag_ttl: the store asks the registry again
         assert await plugin.create_container(p, ctr(), time.monotonic() + 2) is not None
         fetches.append(len([c for c in reg.calls if not c.startswith("image")]))
@@ -256,3 +259,71 @@ def test_cached_path_answers_from_memory_while_the_store_would() -> None:
     fetches = asyncio.run(go())
     assert fetches[0] == fetches[1] == fetches[2] >= 1
     assert fetches[3] > fetches[2]
+
+
+@pytest.mark.parametrize("profile", ["runtime-default", "localhost"])
+def test_cached_answer_is_not_given_to_a_container_with_its_own_profile(profile: str) -> None:
+    """The cached path answers only containers that could take the annotation's profile:
+    a later container of the same pod with an administrator's profile keeps it."""
+    plugin = handler(C23, FakeRegistry({REF: PROFILE}))
+    p = pod({f"{KEY_V1}/POD": REF})
+
+    async def go() -> tuple[bytes | None, bytes | None, bytes | None]:
+        first = await plugin.create_container(p, ctr(), time.monotonic() + 2)
+        own = await plugin.create_container(p, ctr(profile), time.monotonic() + 2)
+        again = await plugin.create_container(p, ctr(), time.monotonic() + 2)
+        return first, own, again
+
+    first, own, again = asyncio.run(go())
+    assert first is not None and again == first and own is None
+    assert len(plugin._hot._items) == 1  # the third answer came from memory
+
+
+def test_cached_answer_follows_the_runtime() -> None:
+    """A Configure that says the runtime no longer applies adjustments turns the cached
+    answer into a refusal at once."""
+    plugin = handler(C23, FakeRegistry({REF: PROFILE}))
+    p = pod({f"{KEY_V1}/POD": REF})
+
+    async def go() -> Kind:
+        assert await plugin.create_container(p, ctr(), time.monotonic() + 2) is not None
+        plugin.caps = C17
+        plugin.policy_changed()
+        with pytest.raises(Refusal) as info:
+            await plugin.create_container(p, ctr(), time.monotonic() + 2)
+        return info.value.kind
+
+    assert asyncio.run(go()) is Kind.UNUSABLE
+
+
+def test_cached_decision_line_cleans_the_pod_names() -> None:
+    """The line's fixed part is cleaned once; what changes per container (names the
+    runtime passes on) is cleaned on every line, cached path included."""
+    import io
+    import logging
+
+    from nri_seccomp import logline
+
+    plugin = handler(C23, FakeRegistry({REF: PROFILE}))
+    p = pod({f"{KEY_V1}/POD": REF})
+    hostile = nri_pb2.PodSandbox(name="pod\nFAKE forged line", namespace="ns",
+                                 annotations={f"{KEY_V1}/POD": REF})
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    stream = io.StringIO()
+    root.handlers[:] = [logline.LineHandler(stream)]
+    root.setLevel(logging.INFO)
+
+    async def go() -> None:
+        await plugin.create_container(p, ctr(), time.monotonic() + 2)
+        await plugin.create_container(hostile, ctr(), time.monotonic() + 2)
+        await asyncio.sleep(0)
+
+    try:
+        asyncio.run(go())
+    finally:
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
+    lines = [x for x in stream.getvalue().splitlines() if "applying seccomp profile" in x]
+    assert len(lines) == 2, stream.getvalue()
+    assert "memory) to container ns/pod\\nFAKE forged line/app" in lines[1]

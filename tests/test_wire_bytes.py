@@ -240,3 +240,22 @@ def test_a_serialised_adjustment_is_framed_as_protobuf_would(size: int) -> None:
     raw = adjust.SerializeToString()
     by_hand = b"\x0a" + varint(len(raw)) + raw
     assert by_hand == nri_pb2.CreateContainerResponse(adjust=adjust).SerializeToString()
+    # and the stub's own framing, kept or not
+    from nri_seccomp.nri.stub import Identity, Stub
+
+    stub = Stub(object(), Identity("x", "10"))
+    assert stub._framed(raw) == stub._framed(raw) == by_hand
+
+
+def test_framed_answers_kept_are_bounded() -> None:
+    """Answers are framed once per adjustment, but what is kept for that stays bounded
+    in count and in size, whatever the plugin answers."""
+    from nri_seccomp.nri.stub import FRAMED_KEPT, FRAMED_MAX, Identity, Stub
+
+    stub = Stub(object(), Identity("x", "10"))
+    for i in range(3 * FRAMED_KEPT):
+        stub._framed(nri_pb2.ContainerAdjustment(annotations={"i": str(i)}).SerializeToString())
+        assert len(stub._responses) <= FRAMED_KEPT
+    big = nri_pb2.ContainerAdjustment(annotations={"k": "v" * FRAMED_MAX}).SerializeToString()
+    stub._framed(big)
+    assert big not in stub._responses

@@ -51,6 +51,10 @@ DIAL_BACKOFF_MAX = 1.0
 #: the longest wait before registering again with a runtime that refused us
 REFUSED_BACKOFF_MAX = 5.0
 
+#: CreateContainer answers framed once and kept: at most this many, of at most this size
+FRAMED_KEPT = 64
+FRAMED_MAX = 16 * 1024
+
 #: plugin method name → the NRI event it handles.
 EVENT_METHODS: Mapping[str, int] = {
     "run_pod_sandbox": nri_pb2.RUN_POD_SANDBOX,
@@ -205,6 +209,8 @@ class Stub:
         self._sync_containers: list[nri_pb2.Container] = []
         self._shutdown = False
         self._mux: mux.Mux | None = None
+        #: serialised adjustment → its CreateContainerResponse (see _framed)
+        self._responses: dict[bytes, bytes] = {}
 
     @classmethod
     def from_environment(
@@ -483,9 +489,7 @@ class Stub:
                 if adjust is None:
                     return b""
                 if isinstance(adjust, bytes):
-                    # CreateContainerResponse { ContainerAdjustment adjust = 1; }: the
-                    # field's tag and length before the serialised adjustment
-                    return b"\x0a" + varint(len(adjust)) + adjust
+                    return self._framed(adjust)
                 return nri_pb2.CreateContainerResponse(adjust=adjust).SerializeToString()
 
             return create
@@ -496,6 +500,20 @@ class Stub:
             return b""
 
         return pod_event
+
+    def _framed(self, adjust: bytes) -> bytes:
+        """CreateContainerResponse { ContainerAdjustment adjust = 1; }: the field's tag
+        and length before the serialised adjustment. A plugin answers many containers
+        with the same few adjustments (the same bytes object, whose hash is kept): each
+        is framed once."""
+        framed = self._responses.get(adjust)
+        if framed is None:
+            framed = b"\x0a" + varint(len(adjust)) + adjust
+            if len(adjust) <= FRAMED_MAX:
+                if len(self._responses) >= FRAMED_KEPT:
+                    self._responses.clear()
+                self._responses[adjust] = framed
+        return framed
 
     async def _call_optional(self, method: str, *args: Any) -> Any:
         fn = getattr(self.plugin, method, None)

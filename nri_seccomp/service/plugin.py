@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import Awaitable
 
-from nri_seccomp import config, logline, wiring
+from nri_seccomp import bounded, config, logline, wiring
 from nri_seccomp.decide import policy, reference, resolver, runtimes
 from nri_seccomp.errors import Kind, NriSeccompError, Refusal
 from nri_seccomp.memo import BoundedMap
@@ -67,9 +67,13 @@ class SeccompPlugin:
         self._warming: set[asyncio.Task[None]] = set()
         #: bumped at each Configure: translations depend on the runtime and the config
         self._generation = 0
-        #: annotation value → (answer, reference, digest) while the store would serve
-        #: it from memory; forgotten at Configure and when the runtime reconnects
-        self._hot: BoundedMap[str, tuple[Answer, str, str]] = BoundedMap(HOT_KEPT)
+        #: the deciding pod annotation's "Found …" line (its key and value) → the answer,
+        #: while the store would serve it from memory; forgotten at Configure and when
+        #: the runtime reconnects, when policy and runtime can change
+        self._hot: BoundedMap[str, Hot] = BoundedMap(HOT_KEPT)
+        #: whether a container without a seccomp profile of its own takes an annotation's
+        #: profile on this runtime (policy.eligibility's answer, once per Configure)
+        self._unset_eligible = False
         self._translations: BoundedMap[
             tuple[str, int], asyncio.Future[Answer]
         ] = BoundedMap(TRANSLATIONS_KEPT, TRANSLATIONS_BYTES, _translation_bytes)
@@ -104,9 +108,7 @@ class SeccompPlugin:
         logging.getLogger("nri_seccomp").setLevel(cfg.log_level.upper())
         previous = self.config
         self.config, self.caps, self.runtime = cfg, caps, runtime
-        self._generation += 1
-        self._translations.clear()
-        self._hot.clear()
+        self.policy_changed()
         log.info(
             "runtime %s: seccomp adjustment %s, errnoRet %s, defaultErrnoRet %s",
             caps.description,
@@ -147,6 +149,14 @@ class SeccompPlugin:
                 old_source = self.services.images.set_source(
                     wiring.image_source(cfg, self._client))
                 self._retire_later(old_source.aclose(), images.FETCH_BUDGET)
+
+    def policy_changed(self) -> None:
+        """``config`` or ``caps`` changed: nothing answered under the old ones stands."""
+        self._generation += 1
+        self._translations.clear()
+        self._hot.clear()
+        self._unset_eligible = policy.eligibility(
+            None, self.caps, self.config.when_profile_unknown).eligible
 
     def _retire_later(self, closing: Awaitable[None], after: float) -> None:
         retiring = asyncio.create_task(self._retire(closing, after))
@@ -236,11 +246,27 @@ class SeccompPlugin:
         ``deadline_margin`` before it, and work that needs longer than
         ``answer_wait`` is answered "retry" while it goes on.
         """
-        wait_until = min(deadline - self.config.deadline_margin,
-                         time.monotonic() + self.config.answer_wait)
         found: list[str] = []
         try:
-            answer = await self._seccomp_for(pod, container, wait_until, found)
+            try:
+                match = resolver.resolve(pod.annotations, container.name)
+            except resolver.AnnotationError as exc:
+                raise Refusal(Kind.INVALID, str(exc)) from exc
+            if (match is not None and self._unset_eligible
+                    and not container.linux.HasField("seccomp_profile")):
+                hot = self._hot.get(match.log_line)
+                if hot is not None:
+                    # the cached path, whole: this annotation was answered under this
+                    # configuration and the store still holds the profile in memory
+                    known = hot.answer
+                    if known.warnings:
+                        self._warn(pod, container, known)
+                    logline.decision(log, f"{pod.namespace}/{pod.name}/{container.name}",
+                                     hot.head)
+                    return known.adjustment
+            wait_until = min(deadline - self.config.deadline_margin,
+                             time.monotonic() + self.config.answer_wait)
+            answer = await self._seccomp_for(pod, container, match, wait_until, found)
         except Refusal as exc:
             # one line per decision: CRI-O's "Found …" line, then what became of it; a
             # "retry" is the normal first answer for a profile not ready yet, not an error
@@ -251,25 +277,26 @@ class SeccompPlugin:
         return None if answer is None else answer.adjustment
 
     async def _seccomp_for(
-        self, pod: nri_pb2.PodSandbox, container: nri_pb2.Container, deadline: float,
-        found: list[str],
+        self, pod: nri_pb2.PodSandbox, container: nri_pb2.Container,
+        match: resolver.Match | None, deadline: float, found: list[str],
     ) -> Answer | None:
+        """The answer for ``container``; ``match`` is what its pod's annotations say."""
         decision = policy.eligibility(
             container.linux if container.HasField("linux") else None,
             self.caps,
             self.config.when_profile_unknown,
         )
-        try:
+        if match is None and decision.outcome is not policy.Outcome.NOT_ELIGIBLE:
             # pod annotations come first in CRI-O's order: the image's registry is asked
             # only when they decide nothing, and only for a container that could take
             # the image's profile
-            match = resolver.resolve(pod.annotations, container.name, {})
-            if match is None and decision.outcome is not policy.Outcome.NOT_ELIGIBLE:
-                image_annotations = await self._image_annotations(container, deadline)
-                if image_annotations:
-                    match = resolver.resolve(pod.annotations, container.name, image_annotations)
-        except resolver.AnnotationError as exc:
-            raise Refusal(Kind.INVALID, str(exc)) from exc
+            image_annotations = await self._image_annotations(container, deadline)
+            if image_annotations:
+                try:
+                    match = resolver.resolve(pod.annotations, container.name,
+                                             image_annotations)
+                except resolver.AnnotationError as exc:
+                    raise Refusal(Kind.INVALID, str(exc)) from exc
         if match is None:
             return None
         if not match.reference:
@@ -282,13 +309,11 @@ class SeccompPlugin:
             log.info("%s; not applying %s to container %s: %s",
                      match.log_line, match.reference, container.name, decision.reason)
             return None
-        hot = self._hot.get(match.reference)
+        hot = self._hot.get(match.log_line)
         if hot is not None:
-            # answered before under this configuration and still fresh: what the store,
-            # the allow-list and the translation memo would say again
-            answer, shown, digest = hot
-            self._applying(pod, container, match, answer, shown, digest, "memory")
-            return answer
+            # an image's annotation answered before (a pod's is served before this)
+            self._hot_decision(pod, container, hot)
+            return hot.answer
         try:
             ref = reference.parse(match.reference)
         except reference.ReferenceError as exc:
@@ -312,8 +337,9 @@ class SeccompPlugin:
             raise Refusal(Kind.FORBIDDEN, f"{ref}: {translation.refusal}")
         fresh = min(self.services.store.fresh_for(ref), HOT_SECONDS)
         if fresh > 0:
-            self._hot.put(match.reference, (translation, str(ref), ready.compiled.digest),
-                          ttl=fresh)
+            self._hot.put(match.log_line, Hot(
+                translation, _head(match, str(ref), ready.compiled.digest, "memory")),
+                ttl=fresh)
         self._applying(pod, container, match, translation, str(ref), ready.compiled.digest,
                        ready.source)
         return translation
@@ -321,11 +347,19 @@ class SeccompPlugin:
     def _applying(self, pod: nri_pb2.PodSandbox, container: nri_pb2.Container,
                   match: resolver.Match, answer: Answer, ref: str, digest: str,
                   source: str) -> None:
+        self._warn(pod, container, answer)
+        logline.decision(log, f"{pod.namespace}/{pod.name}/{container.name}",
+                         _head(match, ref, digest, source))
+
+    def _hot_decision(self, pod: nri_pb2.PodSandbox, container: nri_pb2.Container,
+                      hot: Hot) -> None:
+        self._warn(pod, container, hot.answer)
+        logline.decision(log, f"{pod.namespace}/{pod.name}/{container.name}", hot.head)
+
+    @staticmethod
+    def _warn(pod: nri_pb2.PodSandbox, container: nri_pb2.Container, answer: Answer) -> None:
         for warning in answer.warnings:
             log.warning("container %s/%s: %s", pod.name, container.name, warning)
-        logline.decision(log, f"{match.log_line}; applying seccomp profile {ref} "
-                         f"({digest}, {source}) to container "
-                         f"{pod.namespace}/{pod.name}/{container.name}")
 
     async def _image_annotations(
         self, container: nri_pb2.Container, deadline: float
@@ -416,6 +450,20 @@ class SeccompPlugin:
             self._translations.pop(key)
         else:
             self._translations.put(key, fut)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Hot:
+    """An answer for the cached path, with its decision line up to the container."""
+
+    answer: Answer
+    head: str
+
+
+def _head(match: resolver.Match, ref: str, digest: str, source: str) -> str:
+    """The decision line up to the container's name, cleaned (logline.decision's head)."""
+    return bounded.clean(f"{match.log_line}; applying seccomp profile {ref} ({digest}, "
+                         f"{source}) to container ")
 
 
 @dataclasses.dataclass(frozen=True)
