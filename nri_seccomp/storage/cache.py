@@ -68,7 +68,8 @@ class CacheLockedError(CacheError):
     """Another process has the cache open."""
 
 
-@dataclass(frozen=True)
+# slots: one of each per cached reference and blob, thousands on a busy node
+@dataclass(frozen=True, slots=True)
 class IndexEntry:
     digest: str
     fetched_at: float
@@ -80,7 +81,7 @@ class IndexEntry:
         return time.time() - self.fetched_at
 
 
-@dataclass
+@dataclass(slots=True)
 class _Blob:
     size: int
     last_used: float
