@@ -5,6 +5,7 @@ pure parts (the node's platform in an index, containerd's image names) as tables
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -189,7 +190,7 @@ def gets(server: FakeContainerd) -> int:
 
 @integration
 def test_by_name_a_seen_image_costs_no_call_while_events_are_live(
-        containerd: FakeContainerd) -> None:
+        containerd: FakeContainerd, caplog: pytest.LogCaptureFixture) -> None:
     digest, size = containerd.add_manifest({})
     containerd.tag(NGINX, digest, size)
     client, images = watched(containerd)
@@ -200,10 +201,17 @@ def test_by_name_a_seen_image_costs_no_call_while_events_are_live(
             await until(lambda: client.names_trusted)
             for _ in range(3):
                 assert await get(images, "nginx:1.27") == {}
+            await asyncio.sleep(client.events_settle + 0.1)
         finally:
             await client.aclose()
 
-    asyncio.run(go())
+    with caplog.at_level(logging.INFO, logger="nri_seccomp"):
+        asyncio.run(go())
+    # an operator sees that the stream works, once
+    assert [r.getMessage() for r in caplog.records
+            if "watching containerd's image events" in r.getMessage()] == [
+        f"watching containerd's image events at {containerd.socket} (namespace k8s.io): an "
+        "image name is looked up once, and again when containerd says it moved"]
     # the event stream says when the name moves: asked once, the manifest read once
     assert containerd.calls() == [f"Images/Get {NGINX}", f"Content/Read {digest}"]
     assert containerd.subscriptions() == ['namespace=="k8s.io",topic~="^/images/"']

@@ -173,6 +173,8 @@ class ContainerdImages:
         self._subscribed_at: float | None = None
         #: the last refusal of the subscription already logged (quiet until it changes)
         self._refused_with: str | None = None
+        #: counts subscriptions, so a pending "watching" line of an ended one is dropped
+        self._stream = 0
         #: the current subscription delivered an event: containerd registered it
         self._delivered = False
         #: bumped on every image event and every loss of the stream: a Get answered
@@ -268,6 +270,12 @@ class ContainerdImages:
                 metadata=self._metadata())
             self._subscribed_at = time.monotonic()
             self._delivered = False
+            self._stream += 1
+            # containerd answers a subscription with its first event only: the stream is
+            # known good once it has lasted the settle time, and an operator should see
+            # that it is (lookups by name then cost nothing), as they see it break
+            asyncio.get_running_loop().call_later(
+                self.events_settle, self._say_watching, self._stream)
             retry = backoff
             try:
                 async for envelope in call:
@@ -293,12 +301,19 @@ class ContainerdImages:
                                 quote_untrusted(exc.details() or ""))
             finally:
                 call.cancel()
+                self._stream += 1
                 if self.names_trusted:
                     backoff = EVENTS_BACKOFF  # it worked: the next attempt starts soon
                     retry = min(retry, backoff)
                 self._distrust()
             await asyncio.sleep(retry)
             backoff = min(backoff * 2, EVENTS_BACKOFF_MAX)
+
+    def _say_watching(self, stream: int) -> None:
+        if stream == self._stream and not self._closed and self.names_trusted:
+            log.info("watching containerd's image events at %s (namespace %s): an image "
+                     "name is looked up once, and again when containerd says it moved",
+                     self.socket, self.namespace)
 
     def _on_event(self, envelope: Any) -> None:
         self._delivered = True
