@@ -6,6 +6,7 @@ import argparse
 import logging
 import logging.handlers
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -139,6 +140,20 @@ def main(
     # The runtime is gone: fetches still running in worker threads serve nobody, and
     # the interpreter would wait for them at exit. Cache writes are atomic, so
     # leaving now loses nothing.
+    _remove_multiprocessing_tempdir()
     logging.shutdown()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _remove_multiprocessing_tempdir() -> None:
+    """multiprocessing's ``pymp-*`` directory (the fork server's socket) goes with the
+    interpreter's exit handlers, which ``os._exit`` skips: in a container every restart
+    would leave one behind. The worker pool is stopped by now."""
+    mp_util = sys.modules.get("multiprocessing.util")
+    if mp_util is None:
+        return
+    # where multiprocessing.util.get_temp_dir() keeps it (set only once it was made)
+    tempdir = mp_util.process.current_process()._config.get("tempdir")
+    if tempdir:
+        shutil.rmtree(tempdir, ignore_errors=True)

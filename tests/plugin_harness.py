@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
@@ -45,8 +46,10 @@ async def plugin(
     config: str,
     runtime: driver.RuntimeVersion | None = None,
     request_timeout: float = 2.0,
+    env: dict[str, str] | None = None,
 ) -> AsyncIterator[Session]:
-    """The plugin started as containerd starts it, configured with ``config``.
+    """The plugin started as containerd starts it, configured with ``config``; ``env``
+    adds to this process's environment.
 
     After the block the socket is closed; ``session.log`` holds the plugin's stderr
     and ``session.exit_code`` its exit code.
@@ -57,6 +60,7 @@ async def plugin(
         config=config,
         request_timeout=request_timeout,
         stderr=asyncio.subprocess.PIPE,
+        env=None if env is None else {**os.environ, **env},
     )
     session = Session(conn)
     try:

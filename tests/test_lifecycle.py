@@ -185,6 +185,29 @@ def test_end_of_file_stops_the_worker_processes_cleanly(tmp_path: Path) -> None:
     assert "leaked" not in log and "Traceback" not in log
 
 
+def test_exit_leaves_no_temporary_directory(tmp_path: Path) -> None:
+    """The worker pool's fork server keeps its socket in a ``pymp-*`` directory; the
+    plugin leaves with ``os._exit`` (which skips multiprocessing's clean-up), so it
+    removes that directory itself: in a container, every restart would leave one."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+
+    async def scenario() -> tuple[int | None, list[str]]:
+        async with plugin(f"cache_dir: {tmp_path / 'cache'}\n",
+                          env={"TMPDIR": str(tmp)}) as session:
+            # the pool is up (its fork server made the directory) before we close
+            for _ in range(100):
+                if any(p.name.startswith("pymp-") for p in tmp.iterdir()):
+                    break
+                await asyncio.sleep(0.05)
+            made = [p.name for p in tmp.iterdir()]
+        return session.exit_code, made
+
+    code, made = run(scenario())
+    assert code == 0 and any(name.startswith("pymp-") for name in made)
+    assert list(tmp.iterdir()) == []
+
+
 @pytest.mark.parametrize("sigint", ["default", "ignored"])
 def test_sigterm_stops_the_external_plugin_cleanly(tmp_path: Path, sigint: str) -> None:
     """SIGTERM (kubelet's or systemd's stop) ends the plugin as SIGINT does: exit 0, the
