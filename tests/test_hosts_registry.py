@@ -18,7 +18,7 @@ import pytest
 from devtools.badregistry import BadRegistry
 from devtools.registry import LocalRegistry, free_port
 from nri_seccomp.decide.reference import parse
-from nri_seccomp.registry import errors
+from nri_seccomp.registry import errors, netguard
 from nri_seccomp.registry.credentials import HelperRunner, HelperSettings
 
 from .conftest import REGISTRY_USER
@@ -174,6 +174,45 @@ def test_ca_from_hosts_toml_alone(tmp_path: Path) -> None:
             fetch(fetcher(config_path=(str(root),), allowed=(f"{reg.address}/*",)), ref)
         assert f"registry configuration {d}/hosts.toml: cannot load ca {d}/gone.pem" in str(
             info.value)
+
+
+def test_the_nodes_cas_are_trusted_as_containerd_trusts_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CA the operator added to the node's store (update-ca-certificates) is trusted
+    without any configuration, as containerd trusts it for the node's images; a
+    hashed directory is preferred to a bundle file, certifi is the last resort."""
+    ca, chain, key = ca_signed(tmp_path)
+    hashed, plain = tmp_path / "ssl-certs", tmp_path / "pki-certs"
+    hashed.mkdir()
+    plain.mkdir()
+    (hashed / "operator-ca.pem").write_bytes(ca.read_bytes())
+    subprocess.run(["openssl", "rehash", str(hashed)], check=True, capture_output=True)
+    (plain / "operator-ca.pem").write_bytes(ca.read_bytes())
+    bundle = tmp_path / "ca-bundle.crt"
+    bundle.write_bytes(ca.read_bytes())
+    # a store mounted without the files its links point to is passed over
+    dangling = tmp_path / "dangling"
+    dangling.mkdir()
+    (dangling / "0123abcd.0").symlink_to(tmp_path / "elsewhere" / "ca.pem")
+    with LocalRegistry(tls=(chain, key)) as reg:
+        reg.push_profile("tls/prof", "v1", PROFILE)
+        ref = parse(f"{reg.address}/tls/prof:v1")
+        allowed = (f"{reg.address}/*",)
+        for dirs, files, expected in (
+            ((str(plain), str(dangling), str(hashed)), (str(bundle),), ("capath", str(hashed))),
+            ((str(dangling), str(tmp_path / "gone")), (str(tmp_path / "no.crt"), str(bundle)),
+             ("cafile", str(bundle))),
+        ):
+            monkeypatch.setattr(netguard, "SYSTEM_CA_DIRS", dirs)
+            monkeypatch.setattr(netguard, "SYSTEM_CA_FILES", files)
+            assert netguard.trust_source() == expected
+            assert fetch(fetcher(allowed=allowed), ref).data == PROFILE
+        # a node without a store: certifi's public CAs, which do not know the operator's
+        monkeypatch.setattr(netguard, "SYSTEM_CA_DIRS", (str(plain),))
+        monkeypatch.setattr(netguard, "SYSTEM_CA_FILES", ())
+        assert netguard.trust_source()[0] == "certifi"
+        with pytest.raises(errors.RegistryUnavailable, match="certificate not verified"):
+            fetch(fetcher(allowed=allowed), ref)
 
 
 # ---- credential helpers ---------------------------------------------------------------------

@@ -212,12 +212,18 @@ class ArtifactFetcher:
         #: hosts.toml files whose unsupported keys were logged
         self._warned: set[str] = set()
         self._explicit = netguard.explicit_hosts(settings)
-        self._ssl = netguard.ssl_context(settings)
+        trust = netguard.trust_source()
+        self._ssl = netguard.ssl_context(settings, trust)
         self._allowed_names: dict[str, bool] = {}
         self._http: httpx.AsyncClient | None = None
         self._http_loop: asyncio.AbstractEventLoop | None = None
         if not settings.tls_verify:
             log.warning("TLS verification of registries is disabled (registry.tls_verify)")
+        elif not settings.ca_file:
+            kind, where = trust
+            log.info("registries' certificates are checked against %s",
+                     f"certifi's CAs in {where} (the node has none)" if kind == "certifi"
+                     else f"the node's CAs in {where}")
 
     @property
     def _background_timeout(self) -> float:
@@ -853,9 +859,7 @@ def endpoint_ssl_context(endpoint: hosts.Endpoint, settings: FetchSettings) -> s
     nothing. ValueError naming the file that cannot be loaded."""
     skip = endpoint.skip_verify if endpoint.skip_verify is not None else not settings.tls_verify
     if skip:
-        ctx = ssl.create_default_context()
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
+        ctx = netguard.unverified_context()
         if endpoint.skip_verify:
             log.warning("%s: TLS verification of %s is disabled (skip_verify)",
                         endpoint.source, endpoint.netloc)
