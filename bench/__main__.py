@@ -25,6 +25,7 @@ from typing import Any
 
 from devtools import driver
 from devtools.badregistry import BadRegistry
+from devtools.fakecontainerd import FakeContainerd
 from devtools.hostile import compile_bomb, cpu_seconds
 from devtools.registry import LocalRegistry
 from nri_seccomp.decide.resolver import KEY_V1
@@ -126,6 +127,18 @@ def process_cpu(pid: int) -> float:
     return total / 1e9
 
 
+async def idle_cpu(conns: dict[str, driver.PluginConnection],
+                   seconds: float) -> dict[str, float]:
+    """CPU each process uses while no request comes, in ms per second: what a node pays
+    for the plugin between pod starts (background threads' polling, timers)."""
+    await asyncio.sleep(1.0)  # what the last requests left behind settles first
+    pids = {name: c.process.pid for name, c in conns.items() if c.process is not None}
+    before = {name: process_cpu(pid) for name, pid in pids.items()}
+    await asyncio.sleep(seconds)
+    return {name: (process_cpu(pid) - before[name]) * 1000 / seconds
+            for name, pid in pids.items()}
+
+
 async def throughput(conn: driver.PluginConnection, senders: int, total: int,
                      make: Callable[[int], tuple[Any, Any]]) -> Load:
     """``total`` CreateContainers from ``senders`` concurrent senders.
@@ -190,7 +203,7 @@ async def startups(commands: dict[str, list[str]], rounds: int) -> dict[str, dic
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     n = args.requests
     out: dict[str, Any] = {"requests": n, "python": sys.version.split()[0],
-                           "cpus": os.cpu_count()}
+                           "cpus": os.cpu_count(), "idle_seconds": args.idle_seconds}
     with tempfile.TemporaryDirectory(prefix="nri-seccomp-bench-") as tmp, LocalRegistry() as reg:
         small = reg.push_profile("bench/small", "v1", small_profile(0))
         debian = debian_default_profile()
@@ -243,6 +256,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 loads["annotated, cached"].setdefault(senders, []).append(
                     await throughput(conn, senders, tn,
                                      lambda i: pod_for(f"{base}/small:v1", i)))
+        # idle as on a node: containerd answers (a real gRPC server with containerd's
+        # services; without one, gRPC's reconnection attempts would be what is measured)
+        with FakeContainerd(Path(tmp) / "ctrd") as ctrd:
+            quiet = await start(driver.plugin_command(),
+                                config + f"containerd_socket: {ctrd.socket}\n")
+            await settle(quiet, pod_for(f"{base}/small:v1"))
+            out["idle_cpu_ms_per_s"] = await idle_cpu({"baseline": baseline, "plugin": quiet},
+                                                      args.idle_seconds)
+            await quiet.wait_closed()
         await baseline.wait_closed()
 
         # cold: a new reference each time, pushed beforehand
@@ -519,6 +541,10 @@ def table(out: dict[str, Any]) -> str:
     lines.append(f"{'baseline CPU / cached CPU per request':40} "
                  + " ".join(f"{statistics.median(cpu_ratios[s]):8.2f}" for s in (1, 8, 64)))
     lines.append("")
+    idle = out["idle_cpu_ms_per_s"]
+    lines.append(f"Idle CPU over {out['idle_seconds']:.0f} s (ms per s): baseline "
+                 f"{idle['baseline']:.2f}, plugin {idle['plugin']:.2f}")
+    lines.append("")
     su = out["startup"]
     lines.append("Start-up (median)               registered ms   configured ms   x base")
     for name, s in su.items():
@@ -579,6 +605,7 @@ def main() -> int:
     parser.add_argument("--throughput-requests", type=int, default=5000)
     parser.add_argument("--attack-requests", type=int, default=1000)
     parser.add_argument("--first-use", type=int, default=30)
+    parser.add_argument("--idle-seconds", type=float, default=10.0)
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
     out = asyncio.run(run(args))
