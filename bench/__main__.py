@@ -127,6 +127,21 @@ def process_cpu(pid: int) -> float:
     return total / 1e9
 
 
+async def adjustment_file(conn: driver.PluginConnection, ref: str, tmp: Path) -> str:
+    """The ContainerAdjustment ``conn`` answers for ``ref``, as the bytes it sent, in a
+    file for the control plugin (``devtools.baseline --answer-file``)."""
+    response = await conn.create_container_answer(_request(*pod_for(ref, 0)))
+    # CreateContainerResponse { adjust = 1 }: a tag, a varint length, the adjustment
+    if response[:1] != b"\x0a":
+        raise SystemExit("bench: the cached answer carries no adjustment")
+    end = 1
+    while response[end] & 0x80:
+        end += 1
+    path = tmp / "cached-adjustment.bin"
+    path.write_bytes(response[end + 1:])
+    return str(path)
+
+
 async def idle_cpu(conns: dict[str, driver.PluginConnection],
                    seconds: float) -> dict[str, float]:
     """CPU each process uses while no request comes, in ms per second: what a node pays
@@ -247,15 +262,29 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         latency = {name: percentiles(values) for name, values in samples.items()}
         # turns, as above: a round is the baseline then us, back to back, and a ratio is
         # the median of the rounds' ratios (this machine's speed drifts between rounds)
-        loads: dict[str, dict[int, list[Load]]] = {"baseline": {}, "annotated, cached": {}}
+        # and a control: the baseline's transport answering the cached case's very bytes
+        # for the same requests, deciding nothing; what separates it from the baseline
+        # is the answer's size (and this machine's noise), from us the decision
+        fixed = await start(driver.baseline_command(
+            "--answer-file", await adjustment_file(conn, f"{base}/small:v1", Path(tmp))))
+        probe = _request(*pod_for(f"{base}/small:v1", 1))
+        if (await fixed.create_container_answer(probe)
+                != await conn.create_container_answer(probe)):
+            raise SystemExit("bench: the control's answer differs from the plugin's")
+        loads: dict[str, dict[int, list[Load]]] = {
+            "baseline": {}, "fixed answer (control)": {}, "annotated, cached": {}}
         tn = args.throughput_requests
         for _ in range(args.throughput_rounds):
             for senders in (1, 8, 64):
                 loads["baseline"].setdefault(senders, []).append(
                     await throughput(baseline, senders, tn, lambda i: pod_for(None, i)))
+                loads["fixed answer (control)"].setdefault(senders, []).append(
+                    await throughput(fixed, senders, tn,
+                                     lambda i: pod_for(f"{base}/small:v1", i)))
                 loads["annotated, cached"].setdefault(senders, []).append(
                     await throughput(conn, senders, tn,
                                      lambda i: pod_for(f"{base}/small:v1", i)))
+        await fixed.wait_closed()
         # idle as on a node: containerd answers (a real gRPC server with containerd's
         # services; without one, gRPC's reconnection attempts would be what is measured)
         with FakeContainerd(Path(tmp) / "ctrd") as ctrd:
@@ -288,6 +317,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         out["throughput_cpu_ratios"] = {
             s: [theirs.cpu_us / ours.cpu_us for ours, theirs in zip(
                 loads["annotated, cached"][s], loads["baseline"][s], strict=True)]
+            for s in (1, 8, 64)}
+        out["throughput_control_ratios"] = {
+            s: [ours.rps / theirs.rps for ours, theirs in zip(
+                loads["fixed answer (control)"][s], loads["baseline"][s], strict=True)]
             for s in (1, 8, 64)}
 
         # ---- memory ----------------------------------------------------------
@@ -534,9 +567,12 @@ def table(out: dict[str, Any]) -> str:
                  + " ".join(f"{statistics.median(ratios[s]):8.2f}" for s in (1, 8, 64)))
     lines.append(f"{'  rounds: lowest - highest':40} "
                  + " ".join(f"{min(ratios[s]):.2f}-{max(ratios[s]):.2f}" for s in (1, 8, 64)))
+    control = out["throughput_control_ratios"]
+    lines.append(f"{'fixed answer / baseline (control)':40} "
+                 + " ".join(f"{statistics.median(control[s]):8.2f}" for s in (1, 8, 64)))
     cpu = out["throughput_cpu_us"]
     for name, t in cpu.items():
-        lines.append(f"{name + ': plugin CPU us/request':40} {t[1]:8.1f} {t[8]:8.1f} {t[64]:8.1f}")
+        lines.append(f"{name + ': CPU us/request':40} {t[1]:8.1f} {t[8]:8.1f} {t[64]:8.1f}")
     cpu_ratios = out["throughput_cpu_ratios"]
     lines.append(f"{'baseline CPU / cached CPU per request':40} "
                  + " ".join(f"{statistics.median(cpu_ratios[s]):8.2f}" for s in (1, 8, 64)))

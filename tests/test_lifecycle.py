@@ -56,6 +56,28 @@ def test_preinstalled_lifecycle(chunks: int) -> None:
     run(scenario())
 
 
+def test_baseline_with_an_answer_file_sends_those_bytes(tmp_path: Path) -> None:
+    """The benchmarks' control: the baseline's transport answering a given adjustment,
+    exactly as serialised, for every container."""
+    adjust = nri_pb2.ContainerAdjustment()
+    adjust.linux.seccomp_policy.default_action = "SCMP_ACT_ALLOW"
+    adjust.linux.seccomp_policy.syscalls.add(names=["mkdir"], action="SCMP_ACT_ERRNO")
+    path = tmp_path / "adjustment.bin"
+    path.write_bytes(adjust.SerializeToString())
+
+    async def scenario() -> None:
+        conn = await driver.spawn_plugin(driver.baseline_command("--answer-file", str(path)))
+        await conn.handshake()
+        for name in ("app", "sidecar"):
+            result = await conn.create_container(nri_pb2.PodSandbox(id="p", name="pod"),
+                                                 nri_pb2.Container(id=name, name=name))
+            assert result.error is None
+            assert result.response == nri_pb2.CreateContainerResponse(adjust=adjust)
+        assert await conn.wait_closed() == 0
+
+    run(scenario())
+
+
 def test_shutdown_rpc_exits_cleanly() -> None:
     async def scenario() -> None:
         conn = await driver.spawn_plugin(driver.baseline_command())
