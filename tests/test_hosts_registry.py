@@ -182,26 +182,42 @@ def test_the_nodes_cas_are_trusted_as_containerd_trusts_them(
     without any configuration, as containerd trusts it for the node's images; a
     hashed directory is preferred to a bundle file, certifi is the last resort."""
     ca, chain, key = ca_signed(tmp_path)
-    hashed, plain = tmp_path / "ssl-certs", tmp_path / "pki-certs"
-    hashed.mkdir()
+    (tmp_path / "other").mkdir()
+    other_ca, _, _ = ca_signed(tmp_path / "other")
+
+    def store(name: str, *cas: Path) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        for i, c in enumerate(cas):
+            (d / f"ca{i}.pem").write_bytes(c.read_bytes())
+        subprocess.run(["openssl", "rehash", str(d)], check=True, capture_output=True)
+        return d
+
+    hashed = store("ssl-certs", other_ca, ca)
+    plain = tmp_path / "pki-certs"  # CA files without OpenSSL's names (RHEL's layout)
     plain.mkdir()
-    (hashed / "operator-ca.pem").write_bytes(ca.read_bytes())
-    subprocess.run(["openssl", "rehash", str(hashed)], check=True, capture_output=True)
     (plain / "operator-ca.pem").write_bytes(ca.read_bytes())
-    bundle = tmp_path / "ca-bundle.crt"
-    bundle.write_bytes(ca.read_bytes())
-    # a store mounted without the files its links point to is passed over
-    dangling = tmp_path / "dangling"
-    dangling.mkdir()
+    # mounted without what its links point to: one link resolves, another dangles
+    dangling = store("dangling", ca)
     (dangling / "0123abcd.0").symlink_to(tmp_path / "elsewhere" / "ca.pem")
+    # a sequence with a gap: OpenSSL stops at the missing ".0"
+    gap = store("gap", ca)
+    for link in gap.iterdir():
+        if link.name.endswith(".0"):
+            link.rename(link.with_name(link.name[:-2] + ".1"))
+    bundle, other_bundle = tmp_path / "ca-bundle.crt", tmp_path / "other-bundle.crt"
+    bundle.write_bytes(ca.read_bytes())
+    other_bundle.write_bytes(other_ca.read_bytes())
     with LocalRegistry(tls=(chain, key)) as reg:
         reg.push_profile("tls/prof", "v1", PROFILE)
         ref = parse(f"{reg.address}/tls/prof:v1")
         allowed = (f"{reg.address}/*",)
         for dirs, files, expected in (
-            ((str(plain), str(dangling), str(hashed)), (str(bundle),), ("capath", str(hashed))),
-            ((str(dangling), str(tmp_path / "gone")), (str(tmp_path / "no.crt"), str(bundle)),
-             ("cafile", str(bundle))),
+            # the bundle does not know the registry's CA: only the directory can
+            ((str(plain), str(dangling), str(gap), str(hashed)), (str(other_bundle),),
+             ("capath", str(hashed))),
+            ((str(dangling), str(gap), str(tmp_path / "gone")),
+             (str(tmp_path / "no.crt"), str(bundle)), ("cafile", str(bundle))),
         ):
             monkeypatch.setattr(netguard, "SYSTEM_CA_DIRS", dirs)
             monkeypatch.setattr(netguard, "SYSTEM_CA_FILES", files)
@@ -213,6 +229,26 @@ def test_the_nodes_cas_are_trusted_as_containerd_trusts_them(
         assert netguard.trust_source()[0] == "certifi"
         with pytest.raises(errors.RegistryUnavailable, match="certificate not verified"):
             fetch(fetcher(allowed=allowed), ref)
+
+
+def test_hosts_toml_skip_verify_false_checks_even_without_tls_verify(tmp_path: Path) -> None:
+    """``skip_verify = false`` in a registry's hosts.toml asks for checks: the global
+    ``tls_verify: false`` does not turn them off for that registry (as in containerd,
+    where the file is all there is)."""
+    _, cert, key = ca_signed(tmp_path)
+    with LocalRegistry(tls=(cert, key)) as reg:
+        reg.push_profile("tls/prof", "v1", PROFILE)
+        ref = parse(f"{reg.address}/tls/prof:v1")
+        root = tmp_path / "certs.d"
+        root.mkdir()
+        settings = {"config_path": (str(root),), "allowed": (f"{reg.address}/*",),
+                    "tls_verify": False}
+        # no file: the global setting applies, and checks nothing
+        assert fetch(fetcher(**settings), ref).data == PROFILE
+        hosts_toml(root, reg.address,
+                   f'server = "https://{reg.address}"\nskip_verify = false\n')
+        with pytest.raises(errors.RegistryUnavailable, match="certificate not verified"):
+            fetch(fetcher(**settings), ref)
 
 
 # ---- credential helpers ---------------------------------------------------------------------

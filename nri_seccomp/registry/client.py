@@ -208,11 +208,11 @@ class ArtifactFetcher:
             timeout=settings.credential_helper_timeout, ttl=settings.credential_helper_ttl,
             directory=settings.credential_helper_dir)))
         self._hosts = hosts.HostsTable(settings.config_path, settings.insecure_registries)
-        self._endpoint_clients = _EndpointClients(settings)
+        trust = netguard.trust_source()
+        self._endpoint_clients = _EndpointClients(settings, trust)
         #: hosts.toml files whose unsupported keys were logged
         self._warned: set[str] = set()
         self._explicit = netguard.explicit_hosts(settings)
-        trust = netguard.trust_source()
         self._ssl = netguard.ssl_context(settings, trust)
         self._allowed_names: dict[str, bool] = {}
         self._http: httpx.AsyncClient | None = None
@@ -795,8 +795,10 @@ class _EndpointClients:
 
     MAX = 32
 
-    def __init__(self, settings: FetchSettings) -> None:
+    def __init__(self, settings: FetchSettings, trust: tuple[str, str]) -> None:
         self.settings = settings
+        #: the node's CAs as the fetcher found them at its start (netguard.trust_source)
+        self.trust = trust
         self._clients: OrderedDict[tuple[Any, ...], httpx.AsyncClient] = OrderedDict()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing: set[asyncio.Task[None]] = set()
@@ -817,8 +819,10 @@ class _EndpointClients:
         if client is not None:
             self._clients.move_to_end(key)
             return client
-        # reading CA bundles takes milliseconds: off the event loop
-        ctx = await asyncio.to_thread(endpoint_ssl_context, endpoint, self.settings)
+        # reading the endpoint's CA and certificate files (and a CA bundle where the
+        # node has no hashed store) takes milliseconds: off the event loop
+        ctx = await asyncio.to_thread(endpoint_ssl_context, endpoint, self.settings,
+                                      self.trust)
         trusted = frozenset({endpoint.netloc}) if endpoint.named else frozenset()
         listed = functools.partial(_listed, explicit | trusted)
         jar = http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
@@ -853,7 +857,8 @@ def _mtime(path: str) -> int:
         return 0
 
 
-def endpoint_ssl_context(endpoint: hosts.Endpoint, settings: FetchSettings) -> ssl.SSLContext:
+def endpoint_ssl_context(endpoint: hosts.Endpoint, settings: FetchSettings,
+                         trust: tuple[str, str] | None = None) -> ssl.SSLContext:
     """The endpoint's TLS: hosts.toml's skip_verify, ca (added to the default roots) and
     client certificate; the global settings (tls_verify, ca_file) where the file says
     nothing. ValueError naming the file that cannot be loaded."""
@@ -864,7 +869,8 @@ def endpoint_ssl_context(endpoint: hosts.Endpoint, settings: FetchSettings) -> s
             log.warning("%s: TLS verification of %s is disabled (skip_verify)",
                         endpoint.source, endpoint.netloc)
     else:
-        ctx = netguard.ssl_context(settings)
+        # verified even where registry.tls_verify is off: the file asked for it
+        ctx = netguard.verified_context(settings, trust)
         for ca in endpoint.ca_files:
             try:
                 ctx.load_verify_locations(cafile=ca)

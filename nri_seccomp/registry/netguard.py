@@ -242,18 +242,36 @@ def trust_source() -> tuple[str, str]:
     (~1 MiB for the ~140 CAs of a distribution, measured). A node with neither (a
     minimal container image) gets certifi's bundle, which the plugin ships."""
     for directory in SYSTEM_CA_DIRS:
-        try:
-            with os.scandir(directory) as entries:
-                # followed through its link: a store copied or mounted without the
-                # files its links point to must not be chosen and then fail every check
-                if any(_HASHED.fullmatch(e.name) and e.is_file() for e in entries):
-                    return "capath", directory
-        except OSError:
-            continue
+        if _hashed_store(directory):
+            return "capath", directory
     for path in SYSTEM_CA_FILES:
         if os.path.isfile(path):
             return "cafile", path
     return "certifi", certifi.where()
+
+
+def _hashed_store(directory: str) -> bool:
+    """``directory`` holds OpenSSL's hashed names, every one of them readable, none
+    missing in its sequence.
+
+    OpenSSL looks a CA up by name and stops at the first gap: a store copied or
+    mounted without the files its links point to (``/etc/ssl/certs`` without
+    ``/usr/share/ca-certificates``) would fail the checks its bundle file passes, so
+    it is passed over for that file."""
+    try:
+        with os.scandir(directory) as entries:
+            hashed = {e.name: e for e in entries if _HASHED.fullmatch(e.name)}
+            if not hashed:
+                return False
+            for name, entry in hashed.items():
+                stem, number = name.split(".")
+                # is_file follows the link: a dangling one is not a file
+                if not entry.is_file() or (number != "0" and f"{stem}.{int(number) - 1}"
+                                           not in hashed):
+                    return False
+    except OSError:
+        return False
+    return True
 
 
 def ssl_context(settings: FetchSettings,
@@ -262,6 +280,13 @@ def ssl_context(settings: FetchSettings,
     :func:`trust_source` gives it), the configured file alone, or no checks."""
     if not settings.tls_verify:
         return unverified_context()
+    return verified_context(settings, trust)
+
+
+def verified_context(settings: FetchSettings,
+                     trust: tuple[str, str] | None = None) -> ssl.SSLContext:
+    """TLS with certificate checks, whatever ``tls_verify`` says (a hosts.toml's
+    ``skip_verify = false`` asks for them): ``ca_file`` alone, or the node's CAs."""
     if settings.ca_file:
         return ssl.create_default_context(cafile=settings.ca_file)
     kind, path = trust or trust_source()
