@@ -163,6 +163,29 @@ def test_damaged_index_starts_empty(tmp_path: Path, content: str | None,
     assert json.loads(index.read_text())["reg/a:v1"]["digest"] == digest
 
 
+def test_index_is_the_same_json_document_and_survives_a_restart(tmp_path: Path) -> None:
+    """The index is written entry by entry (not by json.dumps over a dict built for
+    it): the document is the one json.dumps would give, for any reference text, and a
+    new process reads back every entry."""
+    refs = ["reg/b:v1", "reg/a@sha256:" + "b" * 64, 'odd "quoted" \\ ref\tx', "réf/ü:v1",
+            "127.0.0.1:5000/x/y:v2"]
+    with Cache(tmp_path) as cache:
+        digest = cache.put_blob(PROFILE)
+        for i, ref in enumerate(refs):
+            cache.record(ref, digest, fetched_at=1_700_000_000.125 + i)
+        expected = {ref: {"digest": e.digest, "fetched_at": e.fetched_at,
+                          "last_used": e.last_used}
+                    for ref, e in ((r, cache.lookup(r)) for r in refs) if e is not None}
+    text = (tmp_path / "index.json").read_text()
+    assert json.loads(text) == expected and len(expected) == len(refs)
+    assert text.isascii() and text.count("\n") == len(refs) + 2  # an entry per line
+    with Cache(tmp_path) as again:
+        for ref in refs:
+            entry = again.lookup(ref)
+            assert entry is not None and entry.digest == digest
+            assert entry.fetched_at == expected[ref]["fetched_at"]
+
+
 def test_index_entries_without_their_blob_are_dropped(tmp_path: Path) -> None:
     with Cache(tmp_path) as cache:
         kept = cache.put_blob(b"kept")
