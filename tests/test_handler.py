@@ -261,6 +261,25 @@ def test_cached_path_answers_from_memory_while_the_store_would() -> None:
     assert fetches[3] > fetches[2]
 
 
+def test_cached_path_keeps_at_most_hot_kept_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pod authors choose the references: the answers kept for the cached path are bounded
+    in number, the oldest forgotten first, and a forgotten one is answered again."""
+    from nri_seccomp.service import plugin as plugin_module
+    monkeypatch.setattr(plugin_module, "HOT_KEPT", 2)
+    refs = [f"r.example/p/prof:{i}" for i in range(4)]
+    plugin = handler(C23, FakeRegistry(dict.fromkeys(refs, PROFILE)))
+
+    async def go() -> list[list[str]]:
+        kept = []
+        for ref in [*refs, refs[0]]:
+            assert await plugin.create_container(pod({f"{KEY_V1}/POD": ref}), ctr(),
+                                                 time.monotonic() + 2) is not None
+            kept.append([line.rsplit("=", 1)[1] for line in plugin._hot])
+        return kept
+
+    assert asyncio.run(go()) == [refs[:1], refs[:2], refs[1:3], refs[2:4], [refs[3], refs[0]]]
+
+
 @pytest.mark.parametrize("profile", ["runtime-default", "localhost"])
 def test_cached_answer_is_not_given_to_a_container_with_its_own_profile(profile: str) -> None:
     """The cached path answers only containers that could take the annotation's profile:
@@ -276,7 +295,7 @@ def test_cached_answer_is_not_given_to_a_container_with_its_own_profile(profile:
 
     first, own, again = asyncio.run(go())
     assert first is not None and again == first and own is None
-    assert len(plugin._hot._items) == 1  # the third answer came from memory
+    assert len(plugin._hot) == 1  # the third answer came from memory
 
 
 def test_cached_answer_follows_the_runtime() -> None:

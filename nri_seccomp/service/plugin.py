@@ -70,7 +70,10 @@ class SeccompPlugin:
         #: the deciding pod annotation's "Found …" line (its key and value) → the answer,
         #: while the store would serve it from memory; forgotten at Configure and when
         #: the runtime reconnects, when policy and runtime can change
-        self._hot: BoundedMap[str, Hot] = BoundedMap(HOT_KEPT)
+        #: A plain dict in insertion order, not an LRU map: this lookup is most of what
+        #: a cached decision costs beyond the transport, an entry lives at most
+        #: HOT_SECONDS anyway, and a miss only means the slower path.
+        self._hot: dict[str, Hot] = {}
         #: whether a container without a seccomp profile of its own takes an annotation's
         #: profile on this runtime (policy.eligibility's answer, once per Configure)
         self._unset_eligible = False
@@ -248,21 +251,21 @@ class SeccompPlugin:
         """
         found: list[str] = []
         try:
+            name = container.name
             try:
-                match = resolver.resolve(pod.annotations, container.name)
+                match = resolver.resolve(pod.annotations, name)
             except resolver.AnnotationError as exc:
                 raise Refusal(Kind.INVALID, str(exc)) from exc
-            if (match is not None and self._unset_eligible
-                    and not container.linux.HasField("seccomp_profile")):
+            if match is not None and self._unset_eligible:
                 hot = self._hot.get(match.log_line)
-                if hot is not None:
+                if (hot is not None and hot.expires > time.monotonic()
+                        and not container.linux.HasField("seccomp_profile")):
                     # the cached path, whole: this annotation was answered under this
                     # configuration and the store still holds the profile in memory
                     known = hot.answer
                     if known.warnings:
                         self._warn(pod, container, known)
-                    logline.decision(log, f"{pod.namespace}/{pod.name}/{container.name}",
-                                     hot.head)
+                    logline.decision(log, f"{pod.namespace}/{pod.name}/{name}", hot.head)
                     return known.adjustment
             wait_until = min(deadline - self.config.deadline_margin,
                              time.monotonic() + self.config.answer_wait)
@@ -310,7 +313,7 @@ class SeccompPlugin:
                      match.log_line, match.reference, container.name, decision.reason)
             return None
         hot = self._hot.get(match.log_line)
-        if hot is not None:
+        if hot is not None and hot.expires > time.monotonic():
             # an image's annotation answered before (a pod's is served before this)
             self._hot_decision(pod, container, hot)
             return hot.answer
@@ -337,9 +340,9 @@ class SeccompPlugin:
             raise Refusal(Kind.FORBIDDEN, f"{ref}: {translation.refusal}")
         fresh = min(self.services.store.fresh_for(ref), HOT_SECONDS)
         if fresh > 0:
-            self._hot.put(match.log_line, Hot(
-                translation, _head(match, str(ref), ready.compiled.digest, "memory")),
-                ttl=fresh)
+            self._keep_hot(match.log_line, Hot(
+                translation, _head(match, str(ref), ready.compiled.digest, "memory"),
+                time.monotonic() + fresh))
         self._applying(pod, container, match, translation, str(ref), ready.compiled.digest,
                        ready.source)
         return translation
@@ -350,6 +353,14 @@ class SeccompPlugin:
         self._warn(pod, container, answer)
         logline.decision(log, f"{pod.namespace}/{pod.name}/{container.name}",
                          _head(match, ref, digest, source))
+
+    def _keep_hot(self, key: str, hot: Hot) -> None:
+        hot_map = self._hot
+        hot_map.pop(key, None)
+        while len(hot_map) >= HOT_KEPT:
+            # the oldest entry, whether used since or not (see __init__)
+            del hot_map[next(iter(hot_map))]
+        hot_map[key] = hot
 
     def _hot_decision(self, pod: nri_pb2.PodSandbox, container: nri_pb2.Container,
                       hot: Hot) -> None:
@@ -458,6 +469,8 @@ class Hot:
 
     answer: Answer
     head: str
+    #: time.monotonic() after which the store is asked again
+    expires: float
 
 
 def _head(match: resolver.Match, ref: str, digest: str, source: str) -> str:
