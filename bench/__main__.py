@@ -184,6 +184,24 @@ async def throughput(conn: driver.PluginConnection, senders: int, total: int,
     return Load(total / elapsed, (process_cpu(conn.process.pid) - cpu0) / total * 1e6)
 
 
+async def interleaved(contenders: list[tuple[str, driver.PluginConnection, str | None]],
+                      senders: int, total: int, block: int) -> dict[str, Load]:
+    """:func:`throughput` of each contender, taking turns in blocks of ``block`` requests:
+    this machine's speed drifts over seconds (other tenants, frequency), and a turn of a
+    few tens of milliseconds puts the same drift on every contender. Each one's rate is
+    its ``total`` requests over the time its own blocks took."""
+    seconds = dict.fromkeys((name for name, _, _ in contenders), 0.0)
+    cpu = dict(seconds)
+    for first in range(0, total, block):
+        n = min(block, total - first)
+        for name, conn, ref in contenders:
+            load = await throughput(conn, senders, n,
+                                    lambda i, r=ref, o=first: pod_for(r, o + i))
+            seconds[name] += n / load.rps
+            cpu[name] += n * load.cpu_us
+    return {name: Load(total / seconds[name], cpu[name] / total) for name in seconds}
+
+
 def _request(pod: nri_pb2.PodSandbox, container: nri_pb2.Container) -> bytes:
     return nri_pb2.CreateContainerRequest(pod=pod, container=container).SerializeToString()
 
@@ -260,11 +278,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     c, min(block, n - start_i), lambda i, r=ref, o=start_i: pod_for(r, o + i),
                     ref is not None)
         latency = {name: percentiles(values) for name, values in samples.items()}
-        # turns, as above: a round is the baseline then us, back to back, and a ratio is
-        # the median of the rounds' ratios (this machine's speed drifts between rounds)
-        # and a control: the baseline's transport answering the cached case's very bytes
-        # for the same requests, deciding nothing; what separates it from the baseline
-        # is the answer's size (and this machine's noise), from us the decision
+        # turns, as above: in a round the baseline, the control and we take turns in
+        # blocks of --throughput-block requests (see interleaved), and a ratio is the
+        # median of the rounds' ratios. The control is the baseline's transport answering
+        # the cached case's very bytes for the same requests, deciding nothing: what
+        # separates it from the baseline is the answer's size (and this machine's
+        # noise), from us the decision
         fixed = await start(driver.baseline_command(
             "--answer-file", await adjustment_file(conn, f"{base}/small:v1", Path(tmp))))
         probe = _request(*pod_for(f"{base}/small:v1", 1))
@@ -273,17 +292,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit("bench: the control's answer differs from the plugin's")
         loads: dict[str, dict[int, list[Load]]] = {
             "baseline": {}, "fixed answer (control)": {}, "annotated, cached": {}}
-        tn = args.throughput_requests
+        contenders = [("baseline", baseline, None),
+                      ("fixed answer (control)", fixed, f"{base}/small:v1"),
+                      ("annotated, cached", conn, f"{base}/small:v1")]
         for _ in range(args.throughput_rounds):
             for senders in (1, 8, 64):
-                loads["baseline"].setdefault(senders, []).append(
-                    await throughput(baseline, senders, tn, lambda i: pod_for(None, i)))
-                loads["fixed answer (control)"].setdefault(senders, []).append(
-                    await throughput(fixed, senders, tn,
-                                     lambda i: pod_for(f"{base}/small:v1", i)))
-                loads["annotated, cached"].setdefault(senders, []).append(
-                    await throughput(conn, senders, tn,
-                                     lambda i: pod_for(f"{base}/small:v1", i)))
+                for name, load in (await interleaved(
+                        contenders, senders, args.throughput_requests,
+                        args.throughput_block)).items():
+                    loads[name].setdefault(senders, []).append(load)
         await fixed.wait_closed()
         # idle as on a node: containerd answers (a real gRPC server with containerd's
         # services; without one, gRPC's reconnection attempts would be what is measured)
@@ -639,6 +656,7 @@ def main() -> int:
     parser.add_argument("--startup-rounds", type=int, default=10)
     parser.add_argument("--throughput-rounds", type=int, default=7)
     parser.add_argument("--throughput-requests", type=int, default=5000)
+    parser.add_argument("--throughput-block", type=int, default=500)
     parser.add_argument("--attack-requests", type=int, default=1000)
     parser.add_argument("--first-use", type=int, default=30)
     parser.add_argument("--idle-seconds", type=float, default=10.0)
