@@ -46,8 +46,8 @@ def handler(caps: runtimes.RuntimeCaps, registry: FakeRegistry,
     return plugin
 
 
-def ctr(profile: str | None = None, image: str = IMAGE) -> nri_pb2.Container:
-    c = nri_pb2.Container(name="app", annotations={"io.kubernetes.cri.image-name": image})
+def ctr(profile: str | None = None, image: str = IMAGE, name: str = "app") -> nri_pb2.Container:
+    c = nri_pb2.Container(name=name, annotations={"io.kubernetes.cri.image-name": image})
     if profile == "unconfined":
         c.linux.seccomp_profile.profile_type = nri_pb2.SecurityProfile.UNCONFINED
     elif profile == "runtime-default":
@@ -185,6 +185,42 @@ def test_pod_creation_prepares_the_answer_before_the_container_asks() -> None:
 
     assert asyncio.run(go()) is not None
     assert workers.translated == 1 and reg.calls == [REF]  # type: ignore[attr-defined]
+
+
+def test_pod_creation_files_the_answer_the_container_would_have_filed() -> None:
+    """What RunPodSandbox prepares is filed for the cached path under each annotation
+    that names it, exactly as the container's own request files it: the pod's first
+    container costs what a cached one does."""
+    ref2 = "r.example/p/other:1"
+    annotations = {f"{KEY_V1}/POD": REF, f"{KEY_V2}/app": ref2, f"{KEY_V2}/side": ref2}
+
+    async def prepared() -> dict[str, tuple[bytes, str]]:
+        plugin = handler(C23, FakeRegistry({REF: PROFILE, ref2: PROFILE}))
+        await plugin.run_pod_sandbox(pod(annotations))
+        await asyncio.gather(*plugin._warming)
+        return {k: (h.answer.adjustment, h.head) for k, h in plugin._hot.items()}
+
+    async def asked() -> dict[str, tuple[bytes, str]]:
+        plugin = handler(C23, FakeRegistry({REF: PROFILE, ref2: PROFILE}))
+        for name in ("app", "side", "other"):  # "other" takes the pod's profile
+            assert await plugin.create_container(pod(annotations), ctr(name=name),
+                                                 time.monotonic() + 2) is not None
+        return {k: (h.answer.adjustment, h.head) for k, h in plugin._hot.items()}
+
+    filed = asyncio.run(prepared())
+    assert len(filed) == 3 and filed == asyncio.run(asked())
+
+
+def test_pod_creation_files_nothing_once_a_configure_voided_it() -> None:
+    plugin = handler(C23, FakeRegistry({REF: PROFILE}))
+
+    async def go() -> None:
+        await plugin.run_pod_sandbox(pod({f"{KEY_V1}/POD": REF}))
+        plugin.policy_changed()  # while the preparation is under way
+        await asyncio.gather(*plugin._warming)
+
+    asyncio.run(go())
+    assert plugin._hot == {}
 
 
 def test_pod_creation_translates_a_cached_profile_again_after_a_reconnect() -> None:

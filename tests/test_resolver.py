@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from nri_seccomp.decide.resolver import KEY_V1, KEY_V2, MAX_VALUE, AnnotationError, Match, resolve
+from nri_seccomp.decide.resolver import (
+    KEY_V1,
+    KEY_V2,
+    MAX_VALUE,
+    AnnotationError,
+    Match,
+    pod_match,
+    resolve,
+)
 
 V1, V2 = KEY_V1, KEY_V2
 NAME = "app"
@@ -147,6 +155,27 @@ def test_log_lines_use_crio_wording(pod: dict[str, str], image: dict[str, str],
                                     line: str) -> None:
     match = resolve(pod, NAME, image)
     assert match is not None and match.log_line == line
+
+
+@pytest.mark.parametrize("key", [f"{V1}/app", f"{V2}/app", f"{V1}/POD", f"{V2}/POD"])
+def test_pod_match_is_what_resolve_finds_for_the_container_it_decides(key: str) -> None:
+    """What a pod's creation prepares is filed under the very match (and log line) that
+    the container's request finds."""
+    assert pod_match(key, "r.example/p:1") == resolve({key: "r.example/p:1"}, NAME)
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    (V1, "r.example/p:1"), (V2, "r.example/p:1"), (f"{V1}/", "r.example/p:1"),
+    ("other.example/POD", "r.example/p:1"), (f"x{V1}/POD", "r.example/p:1"),
+    (f"{V1}/POD", ""), (f"{V2}/app", ""),
+])
+def test_pod_match_ignores_keys_that_are_not_ours_and_opt_outs(key: str, value: str) -> None:
+    assert pod_match(key, value) is None
+
+
+def test_pod_match_screens_the_value() -> None:
+    with pytest.raises(AnnotationError):
+        pod_match(f"{V1}/POD", "r.example/p:1\nforged line")
 
 
 @pytest.mark.parametrize(

@@ -84,6 +84,17 @@ def resolve(
     return None
 
 
+def pod_match(key: str, value: str) -> Match | None:
+    """The match :func:`resolve` returns for a container when the pod annotation ``key``
+    decides it (``KEY/POD``, or ``KEY/<container>`` for that container), or None when
+    ``key`` is not one of ours or ``value`` is an opt-out (whose line names the
+    container). Raises AnnotationError as :func:`resolve` would."""
+    base, slash, suffix = key.partition("/")
+    if base not in KEYS or not slash or not suffix or not value:
+        return None
+    return _match("pod" if suffix == POD else "pod-container", key, value, suffix)
+
+
 @functools.lru_cache(maxsize=256)
 def _match(source: str, key: str, value: str, container_name: str) -> Match:
     """The same few annotations come with every container: built once (a hostile value

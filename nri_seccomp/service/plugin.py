@@ -51,6 +51,8 @@ HOT_KEPT = 1024
 HOT_SECONDS = 30.0
 #: profiles prepared in the background at pod creation, at most, at once
 WARMING_LIMIT = 64
+#: annotations of one pod filed for the cached path per profile it names, at most
+MATCHES_PER_PROFILE = 8
 
 
 class SeccompPlugin:
@@ -74,6 +76,8 @@ class SeccompPlugin:
         #: a cached decision costs beyond the transport, an entry lives at most
         #: HOT_SECONDS anyway, and a miss only means the slower path.
         self._hot: dict[str, Hot] = {}
+        #: bumped whenever _hot is emptied: work started before does not file answers
+        self._hot_epoch = 0
         #: whether a container without a seccomp profile of its own takes an annotation's
         #: profile on this runtime (policy.eligibility's answer, once per Configure)
         self._unset_eligible = False
@@ -158,6 +162,7 @@ class SeccompPlugin:
         self._generation += 1
         self._translations.clear()
         self._hot.clear()
+        self._hot_epoch += 1
         self._unset_eligible = policy.eligibility(
             None, self.caps, self.config.when_profile_unknown).eligible
 
@@ -175,6 +180,7 @@ class SeccompPlugin:
     async def on_disconnect(self) -> None:
         self._translations.clear()
         self._hot.clear()
+        self._hot_epoch += 1
 
     async def shutdown(self) -> None:
         if self.services is not None:
@@ -192,36 +198,47 @@ class SeccompPlugin:
         """
         if self.services is None:
             return
-        started = skipped = 0
-        seen: set[str] = set()
+        skipped = 0
+        #: each profile to prepare, with the annotations that name it (at most
+        #: MATCHES_PER_PROFILE: a pod names a profile for each of its containers at most)
+        wanted: dict[str, tuple[reference.Reference, list[resolver.Match]]] = {}
         for key, value in pod.annotations.items():
             if not value or not key.startswith((resolver.KEY_V2 + "/", resolver.KEY_V1 + "/")):
                 continue
             try:
-                resolver.check_value(key, value)
+                match = resolver.pod_match(key, value)
                 ref = reference.parse(value)
             except (resolver.AnnotationError, reference.ReferenceError):
                 continue  # refused with its message when a container uses it
-            if str(ref) in seen:
+            if match is None:
                 continue
-            seen.add(str(ref))
-            if started >= self.config.prefetch_per_pod:
+            known = wanted.get(str(ref))
+            if known is not None:
+                if len(known[1]) < MATCHES_PER_PROFILE:
+                    known[1].append(match)
+                continue
+            if len(wanted) >= self.config.prefetch_per_pod:
                 skipped += 1
                 continue
+            wanted[str(ref)] = (ref, [match])
+        for ref, matches in wanted.values():
             # fetched and compiled unless it is already, then translated for this runtime
             # (translations are forgotten when the runtime reconnects, profiles are not)
             self.services.store.prefetch(ref, owner=pod.namespace)
-            started += 1
-            self._warm(ref, pod.namespace)
+            self._warm(ref, pod.namespace, matches)
         if skipped:
             log.info("pod %s/%s names %d more profiles than prefetch_per_pod (%d); they are "
                      "fetched when a container asks", pod.namespace, pod.name, skipped,
                      self.config.prefetch_per_pod)
 
-    def _warm(self, ref: reference.Reference, owner: str) -> None:
-        """Translate ``ref`` for this runtime once it is compiled, in the background."""
+    def _warm(self, ref: reference.Reference, owner: str,
+              matches: list[resolver.Match]) -> None:
+        """Translate ``ref`` for this runtime once it is compiled, in the background, and
+        file the answer for the cached path under ``matches``: the pod's first container
+        then costs what a cached one does."""
         if len(self._warming) >= WARMING_LIMIT:
             return  # the container's own request does it then
+        epoch = self._hot_epoch
 
         async def warm() -> None:
             assert self.services is not None
@@ -230,11 +247,21 @@ class SeccompPlugin:
             fetch = self.config.registry.background_total + self.config.compile_wall_seconds
             try:
                 ready = await self.services.store.get(ref, time.monotonic() + fetch, owner)
-                await self._translate(ref, ready.compiled,
-                                      time.monotonic() + 2 * self.config.compile_wall_seconds)
+                answer = await self._translate(
+                    ref, ready.compiled, time.monotonic() + 2 * self.config.compile_wall_seconds)
             except NriSeccompError as exc:
                 # the container that uses it gets the refusal, with its message
                 log.debug("preparing %s at pod creation: %s", ref, exc)
+                return
+            # as the container's own request would file it; not if a Configure or a
+            # reconnection since has voided what was prepared under the old ones
+            fresh = min(self.services.store.fresh_for(ref), HOT_SECONDS)
+            if answer.refusal is None and fresh > 0 and self._hot_epoch == epoch:
+                expires = time.monotonic() + fresh
+                for match in matches:
+                    self._keep_hot(match.log_line, Hot(
+                        answer, _head(match, str(ref), ready.compiled.digest, "memory"),
+                        expires))
 
         task = asyncio.create_task(warm(), name=f"warm {ref}")
         self._warming.add(task)
