@@ -223,6 +223,46 @@ def test_pod_creation_files_nothing_once_a_configure_voided_it() -> None:
     assert plugin._hot == {}
 
 
+def test_an_answer_begun_before_a_configure_is_not_remembered() -> None:
+    """A request that was fetching when a Configure came is answered as decided, but its
+    answer is not kept for the containers after it: the allow-list or the runtime may
+    have changed meanwhile."""
+    reg = FakeRegistry({REF: PROFILE})
+    plugin = handler(C23, reg)
+
+    async def go() -> tuple[bytes | None, int]:
+        reg.gate = asyncio.Event()
+        request = asyncio.create_task(plugin.create_container(
+            pod({f"{KEY_V1}/POD": REF}), ctr(), time.monotonic() + 2))
+        await asyncio.sleep(0.05)  # waiting on the registry
+        plugin.policy_changed()
+        reg.gate.set()
+        return await request, len(plugin._hot)
+
+    answer, kept = asyncio.run(go())
+    assert answer is not None and kept == 0
+
+
+def test_pod_creation_files_a_bounded_number_of_answers() -> None:
+    """Any key suffix is a container name to the resolver: one pod's creation files at
+    most FILED_PER_POD answers, and never pushes out answers already kept."""
+    from nri_seccomp.service import plugin as plugin_module
+
+    names = [f"c{i}" for i in range(3 * plugin_module.FILED_PER_POD)]
+    plugin = handler(C23, FakeRegistry({REF: PROFILE}))
+
+    async def go() -> tuple[int, bool]:
+        await plugin.create_container(pod({f"{KEY_V1}/POD": REF}), ctr(),
+                                      time.monotonic() + 2)
+        kept = next(iter(plugin._hot))
+        await plugin.run_pod_sandbox(pod({f"{KEY_V2}/{n}": REF for n in names}))
+        await asyncio.gather(*plugin._warming)
+        return len(plugin._hot), kept in plugin._hot
+
+    filed, still = asyncio.run(go())
+    assert filed == 1 + plugin_module.FILED_PER_POD and still
+
+
 def test_pod_creation_translates_a_cached_profile_again_after_a_reconnect() -> None:
     reg = FakeRegistry({REF: PROFILE})
     plugin = handler(C23, reg)
@@ -314,6 +354,25 @@ def test_cached_path_keeps_at_most_hot_kept_answers(monkeypatch: pytest.MonkeyPa
         return kept
 
     assert asyncio.run(go()) == [refs[:1], refs[:2], refs[1:3], refs[2:4], [refs[3], refs[0]]]
+
+
+def test_cached_path_keeps_answers_within_hot_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nri_seccomp.service import plugin as plugin_module
+    refs = [f"r.example/p/prof:{i}" for i in range(3)]
+    plugin = handler(C23, FakeRegistry(dict.fromkeys(refs, PROFILE)))
+
+    async def go() -> list[int]:
+        kept = []
+        for i, ref in enumerate(refs):
+            await plugin.create_container(pod({f"{KEY_V1}/POD": ref}), ctr(),
+                                          time.monotonic() + 2)
+            if i == 0:  # room for two answers of this size, not three
+                one = plugin._hot_bytes
+                monkeypatch.setattr(plugin_module, "HOT_BYTES", 2 * one + one // 2)
+            kept.append(len(plugin._hot))
+        return kept
+
+    assert asyncio.run(go()) == [1, 2, 2]
 
 
 @pytest.mark.parametrize("profile", ["runtime-default", "localhost"])

@@ -68,6 +68,25 @@ def test_tag_past_ttl_is_rechecked_and_unchanged_layer_not_downloaded() -> None:
     assert len(reg.calls) == 2 and reg.downloads == 1 and compiler.compiles == 1
 
 
+def test_fresh_for_a_digest_the_tag_no_longer_names_is_zero() -> None:
+    """What was compiled for the tag's old digest is not served as fresh once a re-check
+    moved the tag (the handler files answers for as long as this says)."""
+    reg, clock = FakeRegistry({"r.example/p/a:1": GOOD}), Clock()
+    store, _ = make(reg, None, clock, tag_ttl=10.0)
+
+    async def go() -> tuple[float, float, float, float]:
+        old = (await store.get(TAG, soon())).compiled.digest
+        fresh = store.fresh_for(TAG, old)
+        clock.now += 11
+        reg.layers["r.example/p/a:1"] = GOOD + b" "
+        new = (await store.get(TAG, soon())).compiled.digest
+        assert new != old
+        return fresh, store.fresh_for(TAG, old), store.fresh_for(TAG, new), store.fresh_for(TAG)
+
+    fresh_old, stale_old, fresh_new, fresh_any = run(go())  # type: ignore[misc]
+    assert fresh_old == 10.0 and stale_old == 0.0 and fresh_new == fresh_any == 10.0
+
+
 @pytest.mark.parametrize(("age", "changed", "expected"), [
     (5.0, False, "cache"),  # within tag_ttl: the registry is not asked
     (11.0, False, HELD_AFTER_RECHECK),  # re-checked, same layer: no download

@@ -48,11 +48,13 @@ _KEPT_FAILURES = (compat.UnsupportedByRuntime, CompileBudgetExceeded)
 #: answers kept for the cached path (a reference's store lookup, policy check and
 #: translation memo in one), in entries, and for at most this long
 HOT_KEPT = 1024
+HOT_BYTES = 32 * 1024 * 1024
 HOT_SECONDS = 30.0
 #: profiles prepared in the background at pod creation, at most, at once
 WARMING_LIMIT = 64
-#: annotations of one pod filed for the cached path per profile it names, at most
-MATCHES_PER_PROFILE = 8
+#: answers one pod's creation files for the cached path, at most: any key suffix is a
+#: container name to the resolver, and a pod must not flush other pods' answers
+FILED_PER_POD = 8
 
 
 class SeccompPlugin:
@@ -76,6 +78,7 @@ class SeccompPlugin:
         #: a cached decision costs beyond the transport, an entry lives at most
         #: HOT_SECONDS anyway, and a miss only means the slower path.
         self._hot: dict[str, Hot] = {}
+        self._hot_bytes = 0
         #: bumped whenever _hot is emptied: work started before does not file answers
         self._hot_epoch = 0
         #: whether a container without a seccomp profile of its own takes an annotation's
@@ -162,6 +165,7 @@ class SeccompPlugin:
         self._generation += 1
         self._translations.clear()
         self._hot.clear()
+        self._hot_bytes = 0
         self._hot_epoch += 1
         self._unset_eligible = policy.eligibility(
             None, self.caps, self.config.when_profile_unknown).eligible
@@ -180,6 +184,7 @@ class SeccompPlugin:
     async def on_disconnect(self) -> None:
         self._translations.clear()
         self._hot.clear()
+        self._hot_bytes = 0
         self._hot_epoch += 1
 
     async def shutdown(self) -> None:
@@ -199,9 +204,9 @@ class SeccompPlugin:
         if self.services is None:
             return
         skipped = 0
-        #: each profile to prepare, with the annotations that name it (at most
-        #: MATCHES_PER_PROFILE: a pod names a profile for each of its containers at most)
+        #: each profile to prepare, with the annotations that name it (FILED_PER_POD in all)
         wanted: dict[str, tuple[reference.Reference, list[resolver.Match]]] = {}
+        filed = 0
         for key, value in pod.annotations.items():
             if not value or not key.startswith((resolver.KEY_V2 + "/", resolver.KEY_V1 + "/")):
                 continue
@@ -214,13 +219,15 @@ class SeccompPlugin:
                 continue
             known = wanted.get(str(ref))
             if known is not None:
-                if len(known[1]) < MATCHES_PER_PROFILE:
+                if filed < FILED_PER_POD:
                     known[1].append(match)
+                    filed += 1
                 continue
             if len(wanted) >= self.config.prefetch_per_pod:
                 skipped += 1
                 continue
-            wanted[str(ref)] = (ref, [match])
+            wanted[str(ref)] = (ref, [match] if filed < FILED_PER_POD else [])
+            filed += 1
         for ref, matches in wanted.values():
             # fetched and compiled unless it is already, then translated for this runtime
             # (translations are forgotten when the runtime reconnects, profiles are not)
@@ -253,15 +260,13 @@ class SeccompPlugin:
                 # the container that uses it gets the refusal, with its message
                 log.debug("preparing %s at pod creation: %s", ref, exc)
                 return
-            # as the container's own request would file it; not if a Configure or a
-            # reconnection since has voided what was prepared under the old ones
-            fresh = min(self.services.store.fresh_for(ref), HOT_SECONDS)
-            if answer.refusal is None and fresh > 0 and self._hot_epoch == epoch:
-                expires = time.monotonic() + fresh
+            # as the container's own request would file it, but without pushing out
+            # answers in use: preparing is a guess at what will be asked
+            if answer.refusal is None:
                 for match in matches:
-                    self._keep_hot(match.log_line, Hot(
-                        answer, _head(match, str(ref), ready.compiled.digest, "memory"),
-                        expires))
+                    if len(self._hot) >= HOT_KEPT:
+                        break
+                    self._file_hot(epoch, match, ref, ready.compiled.digest, answer)
 
         task = asyncio.create_task(warm(), name=f"warm {ref}")
         self._warming.add(task)
@@ -311,6 +316,7 @@ class SeccompPlugin:
         match: resolver.Match | None, deadline: float, found: list[str],
     ) -> Answer | None:
         """The answer for ``container``; ``match`` is what its pod's annotations say."""
+        epoch = self._hot_epoch  # before any wait (see _file_hot)
         decision = policy.eligibility(
             container.linux if container.HasField("linux") else None,
             self.caps,
@@ -365,11 +371,7 @@ class SeccompPlugin:
         translation = await self._translate(ref, ready.compiled, deadline)
         if translation.refusal is not None:
             raise Refusal(Kind.FORBIDDEN, f"{ref}: {translation.refusal}")
-        fresh = min(self.services.store.fresh_for(ref), HOT_SECONDS)
-        if fresh > 0:
-            self._keep_hot(match.log_line, Hot(
-                translation, _head(match, str(ref), ready.compiled.digest, "memory"),
-                time.monotonic() + fresh))
+        self._file_hot(epoch, match, ref, ready.compiled.digest, translation)
         self._applying(pod, container, match, translation, str(ref), ready.compiled.digest,
                        ready.source)
         return translation
@@ -381,13 +383,31 @@ class SeccompPlugin:
         logline.decision(log, f"{pod.namespace}/{pod.name}/{container.name}",
                          _head(match, ref, digest, source))
 
+    def _file_hot(self, epoch: int, match: resolver.Match, ref: reference.Reference,
+                  digest: str, answer: Answer) -> None:
+        """Remember ``answer`` for the cached path, for as long as the store would serve
+        ``ref`` as ``digest`` from memory. Not if the memo was emptied since ``epoch``:
+        work begun before a Configure or a reconnection may have been allowed, or
+        translated, under what no longer holds."""
+        assert self.services is not None
+        fresh = min(self.services.store.fresh_for(ref, digest), HOT_SECONDS)
+        if fresh <= 0 or self._hot_epoch != epoch:
+            return
+        self._keep_hot(match.log_line, Hot(answer, _head(match, str(ref), digest, "memory"),
+                                           time.monotonic() + fresh))
+
     def _keep_hot(self, key: str, hot: Hot) -> None:
         hot_map = self._hot
-        hot_map.pop(key, None)
-        while len(hot_map) >= HOT_KEPT:
+        gone = hot_map.pop(key, None)
+        if gone is not None:
+            self._hot_bytes -= _answer_bytes(gone.answer)
+        size = _answer_bytes(hot.answer)
+        while hot_map and (len(hot_map) >= HOT_KEPT or self._hot_bytes + size > HOT_BYTES):
             # the oldest entry, whether used since or not (see __init__)
-            del hot_map[next(iter(hot_map))]
+            oldest = next(iter(hot_map))
+            self._hot_bytes -= _answer_bytes(hot_map.pop(oldest).answer)
         hot_map[key] = hot
+        self._hot_bytes += size
 
     def _hot_decision(self, pod: nri_pb2.PodSandbox, container: nri_pb2.Container,
                       hot: Hot) -> None:
@@ -523,6 +543,11 @@ class Answer:
         adjust = nri_pb2.ContainerAdjustment()
         adjust.linux.seccomp_policy.CopyFrom(seccomp)
         return cls(seccomp, warnings, adjust.SerializeToString(), refusal)
+
+
+def _answer_bytes(answer: Answer) -> int:
+    """What a kept answer holds, about: its bytes, and the message parsed from them."""
+    return 4 * len(answer.adjustment) + 1024
 
 
 def _translation_bytes(fut: asyncio.Future[Answer]) -> int:

@@ -241,11 +241,13 @@ class ProfileStore:
             log.info("seccomp profile %s not ready before the deadline, fetch continues", key)
             raise NotReady(key) from None
 
-    def fresh_for(self, ref: Reference) -> float:
+    def fresh_for(self, ref: Reference, digest: str | None = None) -> float:
         """Seconds ``ref`` stays servable from memory without asking the registry (0: not
-        in memory; a digest reference, for ever)."""
+        in memory, or, with ``digest``, no longer pointing at it; a digest reference,
+        for ever)."""
         entry = self._refs.get(str(ref))
-        if entry is None or self._compiled.get(entry[0]) is None:
+        if (entry is None or (digest is not None and entry[0] != digest)
+                or self._compiled.get(entry[0]) is None):
             return 0.0
         if ref.digest is not None:
             return math.inf
