@@ -186,15 +186,19 @@ async def throughput(conn: driver.PluginConnection, senders: int, total: int,
 
 async def interleaved(contenders: list[tuple[str, driver.PluginConnection, str | None]],
                       senders: int, total: int, block: int) -> dict[str, Load]:
-    """:func:`throughput` of each contender, taking turns in blocks of ``block`` requests:
-    this machine's speed drifts over seconds (other tenants, frequency), and a turn of a
-    few tens of milliseconds puts the same drift on every contender. Each one's rate is
-    its ``total`` requests over the time its own blocks took."""
+    """:func:`throughput` of each contender, taking turns in blocks of ``block`` requests
+    (at least 16 per sender, so that the start and end of a block, with fewer in flight,
+    weigh little): this machine's speed drifts over seconds (other tenants, frequency),
+    and a turn of a few tens of milliseconds puts the same drift on every contender.
+    Who goes first rotates from block to block. Each one's rate is its ``total``
+    requests over the time its own blocks took."""
     seconds = dict.fromkeys((name for name, _, _ in contenders), 0.0)
     cpu = dict(seconds)
-    for first in range(0, total, block):
+    block = max(block, 16 * senders)
+    for turn, first in enumerate(range(0, total, block)):
         n = min(block, total - first)
-        for name, conn, ref in contenders:
+        shift = turn % len(contenders)
+        for name, conn, ref in contenders[shift:] + contenders[:shift]:
             load = await throughput(conn, senders, n,
                                     lambda i, r=ref, o=first: pod_for(r, o + i))
             seconds[name] += n / load.rps
